@@ -1,0 +1,243 @@
+"""The skip config: one versioned, validated JSON format shared by every command.
+
+A config names the model it was made for (architecture and shape), the skip policy and its
+parameters, the layers that never skip (cold start / cold end), the warm-up length, and paths
+(relative to the config file) to trained router or stand-in weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import write_json_atomic
+
+SCHEMA_VERSION = 1
+POLICY_KINDS = ("none", "static", "cosine", "router", "random")
+CONFIG_FILENAME = "skip_config.json"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a config must match: architecture and shape of the model."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    source: str = ""
+
+    @classmethod
+    def of(cls, model: Any, source: str = "") -> "ModelIdentity":
+        """The identity of a loaded Hugging Face model."""
+        c = model.config
+        return cls(c.model_type, int(c.num_hidden_layers), int(c.hidden_size), int(c.intermediate_size), source)
+
+    def mismatches(self, other: "ModelIdentity") -> list[str]:
+        """Human-readable differences in architecture or shape (the source name is not compared)."""
+        out = []
+        for name in ("model_type", "num_layers", "hidden_size", "intermediate_size"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name} {mine} (config) vs {theirs} (model)")
+        return out
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A weights file next to the config (router or stand-in) with its main hyper-parameter."""
+
+    path: str
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy kind and its parameters.
+
+    - ``none``: never skip.
+    - ``static``: ``{"skip_layers": [i, ...]}`` — those layers' FFNs are always skipped.
+    - ``cosine``: ``{"thresholds": [float|null per layer], "greedy_k": int}`` — FFN-SkipLLM.
+    - ``router``: ``{"threshold": float}`` — DiffSkip routers; weights in ``SkipConfig.router``.
+    - ``random``: ``{"rate": float, "seed": int}`` — a baseline that skips tokens at random.
+    """
+
+    kind: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    """A validated skip config. Build with the constructor, read with :func:`load_config`."""
+
+    model: ModelIdentity
+    policy: PolicySpec = PolicySpec()
+    cold_start: int = 2
+    cold_end: int = 2
+    warmup: int = 32
+    target_skip: float | None = None
+    router: ArtifactRef | None = None
+    standin: ArtifactRef | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def skippable_layers(self) -> list[int]:
+        """Layers outside the cold regions, in order."""
+        return list(range(self.cold_start, self.model.num_layers - self.cold_end))
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the config, resolved against the config file's directory."""
+        p = Path(relative)
+        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
+
+    def with_policy(self, kind: str, **params: Any) -> "SkipConfig":
+        """A copy with another policy."""
+        return replace(self, policy=PolicySpec(kind, dict(params)))
+
+    def evolve(self, **changes: Any) -> "SkipConfig":
+        """A validated copy with some fields changed."""
+        return replace(self, **changes)
+
+    def check_matches(self, model: Any) -> None:
+        """Raise :class:`ConfigError` unless this config was made for a model of this shape."""
+        problems = self.model.mismatches(ModelIdentity.of(model))
+        if problems:
+            raise ConfigError("skip config does not match the model: " + "; ".join(problems))
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("base_dir")
+        return {"schema_version": SCHEMA_VERSION, **data}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config atomically (a directory gets ``skip_config.json`` inside it)."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / CONFIG_FILENAME
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "SkipConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("skip config must be a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"unsupported skip config schema_version {version!r} (expected {SCHEMA_VERSION})")
+        known = {"schema_version", "model", "policy", "cold_start", "cold_end", "warmup", "target_skip",
+                 "router", "standin", "metadata"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown skip config keys: {', '.join(unknown)}")
+        try:
+            return cls(
+                model=ModelIdentity(**_require(data, "model", dict)),
+                policy=PolicySpec(**data.get("policy", {"kind": "none"})),
+                cold_start=data.get("cold_start", 2),
+                cold_end=data.get("cold_end", 2),
+                warmup=data.get("warmup", 32),
+                target_skip=data.get("target_skip"),
+                router=_artifact(data.get("router")),
+                standin=_artifact(data.get("standin")),
+                metadata=data.get("metadata") or {},
+                base_dir=base_dir,
+            )
+        except TypeError as exc:  # wrong or missing fields in a nested object
+            raise ConfigError(f"malformed skip config: {exc}") from None
+
+
+def load_config(path: str | Path) -> SkipConfig:
+    """Read and validate a skip config file (or a directory holding ``skip_config.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILENAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"skip config not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read skip config {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"skip config {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    return SkipConfig.from_dict(data, base_dir=path.parent.resolve())
+
+
+def dense_config(model: Any, source: str = "", cold_start: int = 2, cold_end: int = 2, warmup: int = 32) -> SkipConfig:
+    """A config for `model` that never skips (the starting point of calibration)."""
+    return SkipConfig(model=ModelIdentity.of(model, source), cold_start=cold_start, cold_end=cold_end, warmup=warmup)
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _require(data: dict, key: str, typ: type) -> Any:
+    value = data.get(key)
+    if not isinstance(value, typ):
+        raise ConfigError(f"skip config needs {key!r} as a {typ.__name__}")
+    return value
+
+
+def _artifact(value: Any) -> ArtifactRef | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise ConfigError("router/standin entries need a 'path' string")
+    return ArtifactRef(**value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(cfg: SkipConfig) -> None:
+    m = cfg.model
+    for name in ("num_layers", "hidden_size", "intermediate_size"):
+        if not _is_int(getattr(m, name)) or getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be a positive integer")
+    for name in ("cold_start", "cold_end", "warmup"):
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be a non-negative integer")
+    if cfg.cold_start + cfg.cold_end >= m.num_layers:
+        raise ConfigError(f"cold_start + cold_end ({cfg.cold_start} + {cfg.cold_end}) leaves no skippable layer "
+                          f"of {m.num_layers}")
+    if cfg.target_skip is not None and not (isinstance(cfg.target_skip, (int, float)) and 0 <= cfg.target_skip < 1):
+        raise ConfigError("target_skip must be a number in [0, 1)")
+    if not isinstance(cfg.policy.params, dict):
+        raise ConfigError("policy.params must be an object")
+    kind, params = cfg.policy.kind, cfg.policy.params
+    if kind not in POLICY_KINDS:
+        raise ConfigError(f"unknown policy kind {kind!r} (expected one of {', '.join(POLICY_KINDS)})")
+    if kind == "static":
+        layers = params.get("skip_layers")
+        if not isinstance(layers, list) or not all(_is_int(i) and 0 <= i < m.num_layers for i in layers):
+            raise ConfigError(f"static policy needs skip_layers: a list of layer indices below {m.num_layers}")
+    elif kind == "cosine":
+        th = params.get("thresholds")
+        if not isinstance(th, list) or len(th) != m.num_layers:
+            raise ConfigError(f"cosine policy needs {m.num_layers} thresholds (one per layer, null for cold layers)")
+        if not all(t is None or isinstance(t, (int, float)) for t in th):
+            raise ConfigError("cosine thresholds must be numbers or null")
+        k = params.get("greedy_k", 1)
+        if not _is_int(k) or k < 1:
+            raise ConfigError("cosine greedy_k must be a positive integer")
+    elif kind == "router":
+        if cfg.router is None:
+            raise ConfigError("router policy needs a 'router' entry with the weights path")
+        t = params.get("threshold", 0.5)
+        if not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ConfigError("router threshold must be a probability in (0, 1)")
+    elif kind == "random":
+        r = params.get("rate")
+        if not isinstance(r, (int, float)) or not 0 <= r <= 1:
+            raise ConfigError("random policy needs rate in [0, 1]")
+    for ref in (cfg.router, cfg.standin):
+        if ref is not None and ref.rank is not None and (not _is_int(ref.rank) or ref.rank <= 0):
+            raise ConfigError("artifact rank must be a positive integer")

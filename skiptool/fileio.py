@@ -1,0 +1,74 @@
+"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import SkipToolError
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` (and parents) if needed and check that files can be created in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".skiptool-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise SkipToolError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed to `target`, on error removed."""
+    target = Path(target)
+    ensure_writable_dir(target.parent)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix or ".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    """Write `text` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json_atomic(target: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON to `target` atomically."""
+    return write_text_atomic(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success its files are moved into `target`.
+
+    Files already in `target` that the new output does not contain are left alone; a failure
+    leaves `target` exactly as it was.
+    """
+    target = Path(target)
+    ensure_writable_dir(target)
+    tmp = Path(tempfile.mkdtemp(dir=target, prefix=".skiptool-tmp-"))
+    try:
+        yield tmp
+        for item in sorted(tmp.rglob("*")):
+            if item.is_file():
+                dest = target / item.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,251 @@
+"""Skip policies: the one place that decides whether a layer's FFN is skipped for a token.
+
+Every consumer — calibration, evaluation, the PyTorch runtime and the ONNX exporter (which traces the
+runtime) — asks a :class:`SkipPolicy`. A policy is an ``nn.Module`` whose decision is a small, pure
+function of tensors the graph has, so the same code runs eagerly and exports to ONNX.
+
+The gating shared by all policies lives in :meth:`SkipPolicy.decide`:
+cold layers never skip (the runtime does not even ask), warm-up positions never skip, and an optional
+per-layer override (``1`` force skip, ``-1`` force compute, ``0`` policy) replaces the policy's rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import SkipConfig
+from .errors import ConfigError
+
+FORCE_SKIP = 1
+FORCE_COMPUTE = -1
+
+
+@dataclass
+class LayerSignals:
+    """What a layer exposes before its FFN runs (all ``[batch, seq, hidden]``)."""
+
+    layer: int
+    h_in: Tensor  # residual stream entering the layer
+    attn_delta: Tensor  # what attention adds to the residual stream
+    h_mid: Tensor  # residual stream entering the FFN block (h_in + attn_delta)
+    x: Tensor  # the FFN's normalised input
+
+
+class SkipPolicy(nn.Module):
+    """Base class: gating shared by every policy; subclasses implement :meth:`rule`."""
+
+    kind = "none"
+
+    def __init__(self, num_layers: int, skippable_layers: list[int], warmup: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.skippable_layers = list(skippable_layers)
+        self.warmup = int(warmup)
+
+    def is_skippable(self, layer: int) -> bool:
+        return layer in self.skippable_layers
+
+    def init_state(self, h: Tensor) -> Tensor | None:
+        """State carried from layer to layer within one forward pass (``None`` if stateless)."""
+        return None
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        """The policy's own decision, ``[batch, seq]`` bool (or float in [0, 1] while training)."""
+        return torch.zeros(s.x.shape[:2], dtype=torch.bool, device=s.x.device)
+
+    def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> Tensor | None:
+        """New state after layer `layer`'s FFN block added `delta` (the FFN's or its substitute's)."""
+        return state
+
+    def decide(self, s: LayerSignals, positions: Tensor, state: Tensor | None, override: Tensor | None) -> Tensor:
+        """Final per-token decision for a skippable layer: rule, then override, then warm-up."""
+        skip = self.rule(s, state)
+        if override is not None:
+            forced = override[s.layer]
+            if skip.dtype == torch.bool:
+                skip = torch.where(forced == FORCE_SKIP, True, torch.where(forced == FORCE_COMPUTE, False, skip))
+            else:
+                skip = torch.where(forced == FORCE_SKIP, 1.0, torch.where(forced == FORCE_COMPUTE, 0.0, skip))
+        warm = (positions >= self.warmup).expand(skip.shape)
+        return skip & warm if skip.dtype == torch.bool else skip * warm.to(skip.dtype)
+
+
+class NeverSkip(SkipPolicy):
+    """Dense: the FFN always runs (useful with a forced override)."""
+
+    kind = "none"
+
+
+class StaticMask(SkipPolicy):
+    """Always skip the FFNs of a fixed set of layers (after warm-up)."""
+
+    kind = "static"
+
+    def __init__(self, num_layers: int, skippable_layers: list[int], warmup: int, skip_layers: list[int]) -> None:
+        super().__init__(num_layers, skippable_layers, warmup)
+        mask = torch.zeros(num_layers, dtype=torch.bool)
+        mask[[i for i in skip_layers if i in self.skippable_layers]] = True
+        self.register_buffer("mask", mask, persistent=False)
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        return self.mask[s.layer].expand(s.x.shape[:2])
+
+
+class CosineGreedy(SkipPolicy):
+    """FFN-SkipLLM's greedy rule.
+
+    After an FFN that ran at layer ``l`` leaves the residual stream saturated —
+    ``cos(h, h + FFN(h)) > threshold[l]`` — the FFNs of the next ``greedy_k`` layers are skipped;
+    the next FFN that runs is evaluated again. The carried state is, per token, how many of the
+    following layers are still to be skipped.
+    """
+
+    kind = "cosine"
+
+    def __init__(self, num_layers: int, skippable_layers: list[int], warmup: int,
+                 thresholds: list[float | None], greedy_k: int = 1) -> None:
+        super().__init__(num_layers, skippable_layers, warmup)
+        th = torch.tensor([math.inf if t is None else float(t) for t in thresholds], dtype=torch.float32)
+        self.register_buffer("thresholds", th, persistent=False)
+        self.greedy_k = int(greedy_k)
+
+    def init_state(self, h: Tensor) -> Tensor:
+        return torch.zeros(h.shape[:2], dtype=torch.int64, device=h.device)
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        return state > 0
+
+    def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> Tensor:
+        saturated = saturation(h_mid, delta) > self.thresholds[layer]
+        fresh = torch.where(saturated, self.greedy_k, 0)
+        skipped = skip if skip.dtype == torch.bool else skip > 0.5
+        return torch.where(skipped, (state - 1).clamp(min=0), fresh)
+
+
+def saturation(h: Tensor, delta: Tensor) -> Tensor:
+    """FFN-SkipLLM's saturation signal cos(h, h + delta), per token (float32)."""
+    h32, d32 = h.float(), delta.float()
+    return torch.nn.functional.cosine_similarity(h32, h32 + d32, dim=-1, eps=1e-6)
+
+
+class RandomSkip(SkipPolicy):
+    """Baseline: each token's FFN in a skippable layer is skipped with probability `rate` (not exportable)."""
+
+    kind = "random"
+
+    def __init__(self, num_layers: int, skippable_layers: list[int], warmup: int, rate: float, seed: int = 0) -> None:
+        super().__init__(num_layers, skippable_layers, warmup)
+        self.rate = float(rate)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        draw = torch.rand(s.x.shape[:2], generator=self.generator)
+        return (draw < self.rate).to(s.x.device)
+
+
+class Routers(nn.Module):
+    """DiffSkip routers: one ``Linear(hidden, 1)`` per skippable layer, reading the RMS-normalised attention delta.
+
+    A router's logit is the evidence that its layer's FFN can be skipped for that token.
+    """
+
+    def __init__(self, hidden_size: int, layers: list[int]) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.hidden_size = hidden_size
+        self.linears = nn.ModuleDict({str(i): nn.Linear(hidden_size, 1) for i in self.layers})
+        for lin in self.linears.values():
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def logit(self, layer: int, attn_delta: Tensor) -> Tensor:
+        """Skip logit per token, ``[batch, seq]``."""
+        a = attn_delta.float()
+        a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.linears[str(layer)](a).squeeze(-1)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights atomically as safetensors."""
+        from safetensors.torch import save_file
+
+        from .fileio import atomic_path
+
+        tensors = {f"layers.{i}.{n}": p.detach().cpu().contiguous()
+                   for i, lin in self.linears.items() for n, p in lin.named_parameters()}
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"hidden_size": str(self.hidden_size),
+                                                   "layers": ",".join(map(str, self.layers))})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, hidden_size: int, layers: list[int]) -> "Routers":
+        """Read router weights, refusing files that do not match the model's hidden size and layers."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"router weights not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"cannot read router weights {path}: {str(exc).splitlines()[0]}") from None
+        file_layers = [int(i) for i in meta.get("layers", "").split(",") if i]
+        if int(meta.get("hidden_size", -1)) != hidden_size or file_layers != list(layers):
+            raise ConfigError(f"router weights {path} do not match the model: hidden size {meta.get('hidden_size')} "
+                              f"vs {hidden_size}, layers {file_layers} vs {list(layers)}")
+        routers = cls(hidden_size, layers)
+        try:
+            routers.load_state_dict({f"linears.{k.split('.', 1)[1]}": v for k, v in tensors.items()})
+        except RuntimeError as exc:
+            raise ConfigError(f"router weights {path} have the wrong shapes: {str(exc).splitlines()[0]}") from None
+        return routers
+
+
+class RouterPolicy(SkipPolicy):
+    """DiffSkip: skip the FFN when the router's probability exceeds `threshold`."""
+
+    kind = "router"
+
+    def __init__(self, num_layers: int, skippable_layers: list[int], warmup: int, routers: Routers,
+                 threshold: float = 0.5) -> None:
+        super().__init__(num_layers, skippable_layers, warmup)
+        self.routers = routers
+        self.threshold = float(threshold)
+
+    @property
+    def logit_threshold(self) -> float:
+        return math.log(self.threshold / (1.0 - self.threshold))
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        return self.routers.logit(s.layer, s.attn_delta) > self.logit_threshold
+
+
+def build_policy(config: SkipConfig, threshold: float | None = None) -> SkipPolicy:
+    """The policy a skip config describes (router weights are read from beside the config)."""
+    common = dict(num_layers=config.model.num_layers, skippable_layers=config.skippable_layers,
+                  warmup=config.warmup)
+    kind, p = config.policy.kind, config.policy.params
+    if kind == "none":
+        return NeverSkip(**common)
+    if kind == "static":
+        return StaticMask(**common, skip_layers=p["skip_layers"])
+    if kind == "cosine":
+        return CosineGreedy(**common, thresholds=p["thresholds"], greedy_k=p.get("greedy_k", 1))
+    if kind == "random":
+        return RandomSkip(**common, rate=p["rate"], seed=p.get("seed", 0))
+    if kind == "router":
+        assert config.router is not None  # validated
+        routers = Routers.load(config.resolve(config.router.path), config.model.hidden_size, config.skippable_layers)
+        return RouterPolicy(**common, routers=routers, threshold=threshold or p.get("threshold", 0.5))
+    raise ConfigError(f"unknown policy kind {kind!r}")
