@@ -1,0 +1,1 @@
+"""Decode backends behind one small protocol (see :mod:`skiptool.backends.base`)."""
