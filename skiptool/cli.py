@@ -120,7 +120,8 @@ def generate(
     policy = skip_config.policy.kind if skip_config else "dense"
     skip = f"{runtime.stats.skip_ratio:.1%}" if runtime else "0.0% (dense)"
     console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
-                  f"prefill {result.prefill_s * 1000:.0f} ms, policy {policy}, FFN skip ratio {skip}[/]")
+                  f"prefill {result.prefill_s * 1000:.0f} ms, policy {policy}, FFN skip ratio {skip}[/]",
+                  soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------

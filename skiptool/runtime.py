@@ -92,7 +92,7 @@ class SkipController(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         self.positions = position_ids
         self.state = self.policy.init_state(h)
-        self.decisions = {}
+        self.decisions.clear()
 
 
 class SkipLayer(nn.Module):
@@ -211,7 +211,7 @@ class SkipRuntime:
 
     @contextmanager
     def recording(self) -> Iterator[dict[int, Tensor]]:
-        """Record each layer's per-token decisions of the forward passes run inside the block."""
+        """Record each layer's per-token decisions (of the latest forward pass run inside the block)."""
         ctrl = self.controller
         ctrl.record_decisions = True
         try:
