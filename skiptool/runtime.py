@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .adapters import ArchAdapter
 from .config import SkipConfig
+
+if TYPE_CHECKING:
+    from .standins import StandIns
 from .policies import LayerSignals, SkipPolicy
 
 
@@ -258,8 +261,19 @@ def skipping(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
 
 def runtime_from_config(model: nn.Module, adapter: ArchAdapter, config: SkipConfig,
                         router_threshold: float | None = None) -> SkipRuntime:
-    """Check `config` against `model`, build its policy and wrap the model."""
+    """Check `config` against `model`, build its policy, load its stand-ins (if any) and wrap the model."""
     from .policies import build_policy
 
     config.check_matches(model)
-    return apply_skip(model, adapter, build_policy(config, threshold=router_threshold))
+    policy = build_policy(config, threshold=router_threshold)
+    substitutes = load_standins(config).by_layer() if config.standin is not None else None
+    return apply_skip(model, adapter, policy, substitutes)
+
+
+def load_standins(config: SkipConfig) -> "StandIns":
+    """The stand-in weights a config names, checked against its model shape and skippable layers."""
+    from .standins import StandIns
+
+    assert config.standin is not None
+    return StandIns.load(config.resolve(config.standin.path), config.model.hidden_size, config.skippable_layers,
+                         rank=config.standin.rank)

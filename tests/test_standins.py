@@ -1,0 +1,100 @@
+"""Stand-ins for skipped FFNs: the closed-form fit, what the runtime adds, save/load checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skiptool.adapters import adapter_for
+from skiptool.errors import ConfigError
+from skiptool.policies import StaticMask
+from skiptool.runtime import skipping
+from skiptool.standins import StandIns, reduced_rank_fit
+from skiptool.calibration.standin_fit import MomentAccumulator, fit_standins
+
+LAYERS, SKIPPABLE = 6, [1, 2, 3, 4]
+
+
+def test_reduced_rank_fit_recovers_an_exactly_low_rank_map():
+    g = torch.Generator().manual_seed(0)
+    dim, rank, n = 24, 3, 4000
+    true_down = torch.randn(rank, dim, generator=g)
+    true_up = torch.randn(dim, rank, generator=g)
+    bias = torch.randn(dim, generator=g)
+    x = torch.randn(n, dim, generator=g) * 2 + 1
+    y = x @ true_down.T @ true_up.T + bias
+    acc = MomentAccumulator(dim)
+    acc.add(x, y)
+    mx, my, cxx, cxy = acc.centred()
+    down, up, b = reduced_rank_fit(cxx, cxy, mx, my, rank, ridge=0.0)
+    assert down.shape == (rank, dim) and up.shape == (dim, rank)
+    torch.testing.assert_close(up @ down, true_up @ true_down, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x @ down.T @ up.T + b, y, atol=1e-2, rtol=1e-3)
+
+
+def test_lower_rank_keeps_the_dominant_directions():
+    g = torch.Generator().manual_seed(1)
+    dim, n = 16, 3000
+    x = torch.randn(n, dim, generator=g)
+    strong, weak = torch.randn(dim, 1, generator=g), torch.randn(dim, 1, generator=g)
+    y = (x @ strong) @ strong.T * 10 + (x @ weak) @ weak.T * 0.1
+    acc = MomentAccumulator(dim)
+    acc.add(x, y)
+    mx, my, cxx, cxy = acc.centred()
+    down, up, b = reduced_rank_fit(cxx, cxy, mx, my, rank=1, ridge=0.0)
+    residual = (x @ down.T @ up.T + b - y).pow(2).mean() / y.pow(2).mean()
+    assert residual < 1e-3
+
+
+def test_skipped_layers_add_exactly_the_standin_output(tiny_model):
+    standins = StandIns(32, 4, SKIPPABLE)
+    g = torch.Generator().manual_seed(2)
+    for p in standins.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    adapter = adapter_for(tiny_model)
+    ids = torch.randint(0, 128, (1, 10), generator=g)
+    captured = {}
+    layer2 = adapter.decoder_layers(tiny_model)[2]
+    hook = adapter.post_attention_norm_of(layer2).register_forward_hook(
+        lambda m, i, o: captured.update(h_mid=i[0], x=o))
+    with skipping(tiny_model, adapter, StaticMask(LAYERS, SKIPPABLE, 0, [2]), standins.by_layer()):
+        out_hook = adapter.decoder_layers(tiny_model)[2].register_forward_hook(lambda m, i, o: captured.update(out=o))
+        tiny_model(ids)
+        out_hook.remove()
+    hook.remove()
+    expected = captured["h_mid"] + standins.maps["2"](captured["x"])
+    torch.testing.assert_close(captured["out"], expected, rtol=0, atol=1e-6)
+
+
+def test_fit_standins_on_a_tiny_model_beats_zero(tiny_model):
+    blocks = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(3))
+    adapter = adapter_for(tiny_model)
+    standins = fit_standins(tiny_model, adapter, blocks, SKIPPABLE, rank=8, warmup=2)
+    layer = adapter.decoder_layers(tiny_model)[2]
+    seen = {}
+    h = adapter.mlp_of(layer).register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    tiny_model(blocks[:1])
+    h.remove()
+    err = (standins.maps["2"](seen["x"]) - seen["y"]).pow(2).mean()
+    assert err < seen["y"].pow(2).mean()
+
+
+def test_save_load_round_trip_and_mismatches(tmp_path):
+    standins = StandIns(32, 4, SKIPPABLE)
+    for p in standins.parameters():
+        p.data.normal_()
+    path = standins.save(tmp_path / "standin.safetensors")
+    loaded = StandIns.load(path, 32, SKIPPABLE, rank=4)
+    for a, b in zip(standins.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="do not match"):
+        StandIns.load(path, 64, SKIPPABLE)
+    with pytest.raises(ConfigError, match="do not match"):
+        StandIns.load(path, 32, [1, 2])
+    with pytest.raises(ConfigError, match="do not match"):
+        StandIns.load(path, 32, SKIPPABLE, rank=8)
+    with pytest.raises(ConfigError, match="not found"):
+        StandIns.load(tmp_path / "missing.safetensors", 32, SKIPPABLE)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="cannot read"):
+        StandIns.load(tmp_path / "junk.safetensors", 32, SKIPPABLE)
