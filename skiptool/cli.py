@@ -125,6 +125,55 @@ def generate(
 
 
 # ------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------
+@command()
+def bench(
+    model: str = ModelArg,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config for the skipping runs."),
+    onnx: Optional[list[Path]] = typer.Option(None, "--onnx", help="Export folder(s) to run with ONNX Runtime."),
+    skip_ratio: Optional[str] = typer.Option(None, "--skip-ratio", help="Forced skip ratios, e.g. 0,0.25,0.5."),
+    new_tokens: int = typer.Option(128, "--new-tokens", "-n", min=2),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Measured repetitions (after 1 dropped warm-up)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of tokens/s per run (default: beside --json)."),
+    quality: bool = typer.Option(False, "--quality", help="Also measure each run's perplexity on a small slice."),
+    spin: str = typer.Option("off", "--spin", help="ONNX Runtime intra-op spinning for every ORT-based run: on|off."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every run (default: all cores)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prompt text source (default: built-in sample)."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=2),
+    no_peers: bool = typer.Option(False, "--no-peers", help="Leave out onnxruntime-genai and llama.cpp."),
+    device: str = typer.Option("cpu", "--device", help="Device for the PyTorch runs: cpu or cuda."),
+) -> None:
+    """Decode speed: PyTorch, ONNX Runtime and peers, dense vs skipping, against the ideal speedup."""
+    from rich.progress import Progress
+
+    from .bench import BenchRequest, bench_table, parse_ratios, run_bench, write_plot
+    from .fileio import ensure_writable_dir, write_json_atomic
+
+    if spin not in ("on", "off"):
+        raise SkipToolError(f"--spin must be on or off (got {spin!r})")
+    for out in (json_path, plot):
+        if out is not None:
+            ensure_writable_dir(out.parent)
+    req = BenchRequest(model=model, config=config, onnx=list(onnx or []), skip_ratios=parse_ratios(skip_ratio),
+                       new_tokens=new_tokens, repeats=repeats, threads=threads, spin=spin == "on", quality=quality,
+                       data=data, prompt_tokens=prompt_tokens, peers=not no_peers, device=device)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        report = run_bench(req, on_start=lambda n: progress.update(task, total=n),
+                           on_progress=lambda label: progress.update(task, advance=1, description=label))
+    console.print(bench_table(report))
+    if json_path is not None:
+        write_json_atomic(json_path, report)
+        console.print(f"[dim]report: {json_path}[/]")
+    plot = plot or (json_path.with_suffix(".png") if json_path is not None else None)
+    if plot is not None:
+        write_plot(report, plot)
+        console.print(f"[dim]plot: {plot}[/]")
+
+
+# ------------------------------------------------------------------------------------------------
 def main() -> None:
     """Console entry point. Unexpected exceptions print one line unless ``SKIPTOOL_DEBUG`` is set."""
     try:

@@ -1,0 +1,287 @@
+"""`skiptool bench`: the arithmetic (graph bytes, ideal, percentiles), the harness, peers, a smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from skiptool import bench
+from skiptool.backends import peers
+from skiptool.bench import (GraphBytes, IdealBasis, Measurement, RunResult, RunSpec, forced_layers, forced_mask,
+                            fraction_of_ideal, measure, onnx_graph_bytes, onnx_precision, percentile, summarise)
+
+
+# ------------------------------------------------------------------------------------------------
+# arithmetic
+# ------------------------------------------------------------------------------------------------
+def test_percentile_interpolates_between_order_statistics():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert percentile([5.0], 90) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_forced_layers_match_the_ratio_over_all_layers_and_spread_over_skippable_ones():
+    skippable = list(range(2, 28))  # 30 layers, 2 cold at each end
+    quarter, half = forced_layers(30, skippable, 0.25), forced_layers(30, skippable, 0.5)
+    assert len(quarter) == 7 and len(half) == 15  # 7/30 and 15/30 are the closest to 0.25 and 0.5
+    assert set(half) <= set(skippable) and len(set(half)) == 15
+    assert quarter == sorted(quarter) and quarter[0] < 8 and quarter[-1] > 22  # spread, not bunched
+    assert forced_layers(30, skippable, 0.0) == []
+    assert len(forced_layers(8, [3, 4], 0.9)) == 2  # capped by the skippable layers
+    mask = forced_mask(30, skippable, 0.5)
+    assert sorted(i for i, v in enumerate(mask) if v == 1) == half
+    assert all(v == -1 for i, v in enumerate(mask) if i not in half)
+
+
+def test_ideal_counts_routers_and_stand_ins_at_the_realised_ratio():
+    basis = IdealBasis(dense_bytes=100, base_bytes=101, skippable_bytes=40, num_layers=8, num_skippable=4,
+                       substitute_bytes=4)
+    assert basis.speedup(0.0) == pytest.approx(100 / 101)  # the router's bytes cost even with no skip
+    # 25% of all 8 layers = half of the 4 skippable ones: 20 FFN bytes saved, 2 stand-in bytes read instead
+    assert basis.speedup(0.25) == pytest.approx(100 / (101 - 20 + 2))
+    assert fraction_of_ideal(1.1, basis.speedup(0.25)) == pytest.approx(1.1 * 83 / 100)
+
+
+def _if_graph(ffn_weight_type: str = "fp32") -> onnx.ModelProto:
+    """x -> Gather(embedding) -> MatMul(attn) -> If(cond){then: zeros, else: FFN} -> MatMul(lm_head)."""
+    hidden, inter, vocab = 4, 8, 100
+    f32 = lambda shape, name: numpy_helper.from_array(np.ones(shape, np.float32), name)  # noqa: E731
+    if ffn_weight_type == "int4":  # MatMulNBits: packed uint8 blocks + fp32 scales, as ORT's quantizer writes
+        ffn_inits = [numpy_helper.from_array(np.ones((inter, 1, 2), np.uint8), "up_q"),
+                     numpy_helper.from_array(np.ones((inter, 1), np.float32), "up_s")]
+        ffn_node = helper.make_node("MatMulNBits", ["x", "up_q", "up_s"], ["u"], domain="com.microsoft",
+                                    K=hidden, N=inter, bits=4, block_size=16)
+    else:
+        ffn_inits = [f32((hidden, inter), "up")]
+        ffn_node = helper.make_node("MatMul", ["x", "up"], ["u"])
+    down = f32((inter, hidden), "down")  # a main-graph initializer used only inside the branch
+    compute = helper.make_graph(
+        [ffn_node, helper.make_node("MatMul", ["u", "down"], ["ffn_out"])], "compute", [],
+        [helper.make_tensor_value_info("ffn_out", TensorProto.FLOAT, None)], initializer=ffn_inits)
+    skip = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("ConstantOfShape", ["s"], ["zeros"])], "skip", [],
+        [helper.make_tensor_value_info("zeros", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "attn"], ["x"]),
+        helper.make_node("If", ["cond"], ["delta"], then_branch=skip, else_branch=compute),
+        helper.make_node("Add", ["x", "delta"], ["h"]),
+        helper.make_node("MatMul", ["h", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+                     helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[f32((vocab, hidden), "embed"), f32((hidden, hidden), "attn"), down,
+                     f32((hidden, vocab), "head")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_graph_bytes_put_branch_weights_in_the_if_and_leave_out_the_embedding_gather():
+    gb = onnx_graph_bytes(_if_graph())
+    attn, head, up, down, embed = 4 * 4 * 4, 4 * 100 * 4, 4 * 8 * 4, 8 * 4 * 4, 100 * 4 * 4
+    assert gb.num_ifs == 1 and gb.heavy == [up + down] and gb.light == [0]
+    assert gb.outside == attn + head and gb.excluded == embed
+    assert gb.read_dense == attn + head + up + down
+    assert gb.branch_share == pytest.approx((up + down) / (attn + head + up + down))
+    basis = gb.basis(num_layers=1)
+    assert basis.speedup(1.0) == pytest.approx(gb.read_dense / (attn + head))
+
+
+def test_an_int4_graph_gets_its_own_ideal_from_its_own_bytes():
+    fp32, int4 = onnx_graph_bytes(_if_graph("fp32")), onnx_graph_bytes(_if_graph("int4"))
+    assert int4.heavy[0] == 8 * 1 * 2 + 8 * 4 + 8 * 4 * 4  # packed weights + scales + the fp32 down projection
+    assert int4.heavy[0] < fp32.heavy[0]
+    assert int4.basis(1).speedup(1.0) < fp32.basis(1).speedup(1.0)
+    assert onnx_precision(_if_graph("int4")) == "int4" and onnx_precision(_if_graph()) == "fp32"
+
+
+def test_four_bit_tensors_count_half_a_byte_per_element():
+    t = helper.make_tensor("w", TensorProto.INT4, [3, 5], vals=[1] * 15)
+    assert bench.tensor_nbytes(t) == 8
+    assert bench.tensor_nbytes(numpy_helper.from_array(np.zeros((3, 5), np.float16))) == 30
+
+
+# ------------------------------------------------------------------------------------------------
+# harness with fake backends
+# ------------------------------------------------------------------------------------------------
+class FakeBackend:
+    """Deterministic logits; logs every call so tests can check the interleaving."""
+
+    def __init__(self, name: str, log: list[str], mode: str = "dense", ratio: float = 0.0, vocab: int = 11) -> None:
+        self.name, self.precision, self.mode = name, "fp32", mode
+        self.log, self.ratio, self.vocab, self.last = log, ratio, vocab, 0
+
+    def reset(self) -> None:
+        self.log.append(self.name)
+
+    def prefill(self, token_ids):
+        self.last = token_ids[-1]
+        return self._logits()
+
+    def step(self, token_id):
+        self.last = token_id
+        return self._logits()
+
+    def _logits(self):
+        z = np.zeros(self.vocab, np.float32)
+        z[(self.last + 1) % self.vocab] = 5.0
+        return z
+
+    def skip_ratio(self):
+        return self.ratio
+
+
+def test_runs_are_interleaved_round_robin_and_the_warm_up_is_dropped():
+    log: list[str] = []
+    specs = [RunSpec("fake", "dense", "fp32", lambda: FakeBackend("a", log)),
+             RunSpec("fake", "skip", "fp32", lambda: FakeBackend("b", log, "skip", 0.5), forced_ratio=0.5,
+                     ideal=IdealBasis(100, 100, 50, 2, 2))]
+    seen: list[str] = []
+    results = measure(specs, Measurement([[1, 2, 3]], new_tokens=5, repeats=3, warmup=1), seen.append)
+    assert log == ["a", "b"] * 4
+    assert len(seen) == bench.progress_steps(specs, Measurement([[1]], repeats=3, warmup=1)) == 8
+    assert [len(r.tokens_per_s) for r in results] == [3, 3]
+    assert all(len(r.step_s) == 3 * 4 for r in results)  # 5 new tokens = prefill + 4 timed steps
+    rows = summarise(results)
+    assert rows[1]["skip_ratio"] == 0.5 and rows[1]["speedup"] is not None
+    assert rows[1]["ideal_speedup"] == pytest.approx(100 / 75)  # half of the 50 skippable bytes
+    assert rows[1]["fraction_of_ideal"] == pytest.approx(rows[1]["speedup"] * 75 / 100)
+
+
+def test_speedup_compares_with_the_dense_run_of_the_same_backend_and_precision():
+    def result(backend, precision, mode, tps):
+        r = RunResult(RunSpec(backend, mode, precision, None, ideal=None))
+        r.tokens_per_s, r.step_s, r.skip_ratios = [tps], [1 / tps], [0.25 if mode == "skip" else 0.0]
+        return r
+
+    rows = summarise([result("ort", "fp32", "dense", 40.0), result("ort", "int4", "dense", 100.0),
+                      result("ort", "int4", "skip", 110.0), result("ort", "fp32", "skip", 48.0),
+                      result("torch", "int4", "skip", 5.0)])
+    assert rows[2]["speedup"] == pytest.approx(1.1) and rows[3]["speedup"] == pytest.approx(1.2)
+    assert rows[4]["speedup"] is None  # no dense torch int4 run to compare with
+    assert rows[0]["speedup"] is None
+
+
+def test_perplexity_through_the_protocol_matches_the_log_softmax():
+    blocks = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    z = FakeBackend("x", [])._logits()  # every next token is predicted with the same confidence
+    nll = float(np.log(np.exp(z).sum()) - z.max())
+    assert bench.backend_perplexity(FakeBackend("x", []), blocks) == pytest.approx(math.exp(nll))
+
+
+# ------------------------------------------------------------------------------------------------
+# peers
+# ------------------------------------------------------------------------------------------------
+def test_a_missing_peer_is_reported_with_its_install_command_not_crashed_on(monkeypatch):
+    monkeypatch.setattr(peers, "installed", lambda module: False)
+    specs = bench.peer_specs("/some/hf_dir", "/some/model.Q4_1.gguf", threads=2, spin=False, max_length=64)
+    assert {s.backend for s in specs} == {"onnxruntime-genai", "llama.cpp"}
+    assert all(s.make is None and "not installed — install with" in s.skipped for s in specs)
+    rows = summarise(measure(specs, Measurement([[1, 2]], new_tokens=3, repeats=1)))
+    assert all(r["status"].startswith("skipped: ") and r["tokens_per_s"] is None for r in rows)
+    assert "pip install onnxruntime-genai" in rows[0]["status"]
+
+
+def test_a_peer_that_fails_to_load_or_run_is_reported_not_raised():
+    def broken():
+        raise OSError("no such file")
+
+    class Crashing(FakeBackend):
+        def step(self, token_id):
+            raise RuntimeError("boom")
+
+    specs = [RunSpec("llama.cpp", "dense", "q4_1", broken, optional=True),
+             RunSpec("onnxruntime-genai", "dense", "int4", lambda: Crashing("c", []), optional=True)]
+    rows = summarise(measure(specs, Measurement([[1, 2]], new_tokens=3, repeats=1)))
+    assert rows[0]["status"].startswith("failed to load: OSError") and "boom" in rows[1]["status"]
+    with pytest.raises(OSError):  # our own backends are not optional
+        measure([RunSpec("torch", "dense", "fp32", broken)], Measurement([[1, 2]], new_tokens=3, repeats=1))
+
+
+def test_gguf_precision_is_read_from_the_file_name():
+    assert peers.gguf_precision(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "q4_1"
+    assert peers.gguf_precision(Path("model-f32.gguf")) == "f32"
+    assert peers.gguf_precision(Path("model.gguf")) == "gguf"
+
+
+def test_genai_overlay_sets_threads_and_spinning():
+    opts = peers.genai_overlay(2, False)["model"]["decoder"]["session_options"]
+    assert opts["intra_op_num_threads"] == 2 and opts["session.intra_op.allow_spinning"] == "0"
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch backend and a smoke run on a tiny model
+# ------------------------------------------------------------------------------------------------
+def test_torch_backends_share_one_model_and_dense_is_the_unwrapped_model(tiny_model):
+    from skiptool.adapters import adapter_for_model_type
+    from skiptool.backends.torch_backend import TorchBackend
+    from skiptool.config import dense_config
+
+    adapter = adapter_for_model_type("llama")
+    config = dense_config(tiny_model, cold_start=1, cold_end=1, warmup=0)  # 4 skippable of 6
+    dense = TorchBackend(tiny_model, adapter)
+    skip = TorchBackend(tiny_model, adapter, config, override=forced_mask(6, config.skippable_layers, 0.5))
+    dense.reset()
+    reference = dense.prefill([1, 2, 3])
+    skip.reset()
+    skipped = skip.prefill([1, 2, 3])
+    skip.step(4)
+    assert skip.skip_ratio() == pytest.approx(0.5)  # decode steps only; 3 of 6 layers forced
+    assert skip.ffn_counters() == {"ffn_calls": 3, "ffn_calls_avoided": 3}
+    assert not np.allclose(skipped, reference)
+    dense.reset()  # takes the skip wrapper off the shared model again
+    assert not any(type(layer).__name__ == "SkipLayer" for layer in tiny_model.model.layers)
+    np.testing.assert_allclose(dense.prefill([1, 2, 3]), reference, rtol=0, atol=0)
+
+
+def test_bench_smoke_on_a_tiny_model_writes_the_json_and_skipping_runs_really_skip(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from skiptool.cli import app
+
+    from skiptool.config import ModelIdentity, PolicySpec, SkipConfig
+
+    identity = ModelIdentity("llama", 6, 32, 64)
+    config = SkipConfig(identity, PolicySpec("static", {"skip_layers": [2, 3]}), cold_start=1, cold_end=1, warmup=0)
+    config_path = config.save(tmp_path / "skip_config.json")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(tiny_model_dir), "--config", str(config_path),
+                                      "--skip-ratio", "0,0.5", "-n", "6",
+                                      "--repeats", "1", "--prompt-tokens", "8", "--no-peers", "--quality",
+                                      "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert report["settings"]["threads"] == 1 and report["settings"]["intra_op_spinning"] == "off"
+    runs = {r["label"]: r for r in report["runs"]}
+    for r in report["runs"]:
+        for key in ("backend", "mode", "precision", "tokens_per_s", "skip_ratio", "speedup", "fraction_of_ideal",
+                    "latency_ms_p50", "latency_ms_p90", "prefill_ms", "memory", "perplexity"):
+            assert key in r
+        assert r["tokens_per_s"] > 0 and r["perplexity"] > 0
+    dense, none, half = runs["torch fp32 dense"], runs["torch fp32 skip 0% forced"], runs["torch fp32 skip 50% forced"]
+    assert dense["mode"] == "dense" and dense["speedup"] is None
+    assert none["skip_ratio"] == 0.0 and none["ffn_calls_avoided"] == 0
+    assert half["skip_ratio"] == pytest.approx(0.5) and half["ffn_calls_avoided"] > 0
+    assert half["ffn_calls"] < dense["ffn_calls"]
+    static = runs["torch fp32 skip (static)"]
+    assert static["policy"] == "static" and static["skip_ratio"] == pytest.approx(2 / 6)
+    assert half["speedup"] > 0 and half["ideal_speedup"] > 1 and half["fraction_of_ideal"] > 0
+
+
+def test_bench_rejects_bad_input_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from skiptool.cli import app
+
+    for args in (["--spin", "sometimes"], ["--skip-ratio", "0.2,x"], ["--skip-ratio", "1.5"]):
+        result = CliRunner().invoke(app, ["bench", "smollm2-135m", *args])
+        assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
