@@ -28,12 +28,13 @@ class MomentAccumulator:
         self.sxy = torch.zeros(dim, dim, dtype=torch.float64)
 
     def add(self, x: Tensor, y: Tensor) -> None:
-        x, y = x.reshape(-1, x.shape[-1]).double().cpu(), y.reshape(-1, y.shape[-1]).double().cpu()
+        """Add a batch of rows (products in float32 per batch, sums kept in float64)."""
+        x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
         self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.sxx += x.T @ x
-        self.sxy += x.T @ y
+        self.sx += x.sum(0).double().cpu()
+        self.sy += y.sum(0).double().cpu()
+        self.sxx += (x.T @ x).double().cpu()
+        self.sxy += (x.T @ y).double().cpu()
 
     def centred(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(mean_x, mean_y, cov_xx, cov_xy)."""
