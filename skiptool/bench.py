@@ -53,11 +53,12 @@ def median_min_max(values: Sequence[float]) -> tuple[float, float, float]:
 def forced_layers(num_layers: int, skippable: Sequence[int], ratio: float) -> list[int]:
     """Which layers to force-skip so that ``k / num_layers`` is as close as possible to `ratio`.
 
-    ``k`` is capped by the skippable layers; the chosen ones are spread evenly over them (a fixed order).
+    ``k`` is capped by the skippable layers (a tie goes to the larger ``k``); the chosen layers are spread
+    evenly over the skippable ones (a fixed order).
     """
     if not 0.0 <= ratio <= 1.0:
         raise SkipToolError(f"skip ratio must be in [0, 1] (got {ratio})")
-    k = min(range(len(skippable) + 1), key=lambda n: (abs(n / num_layers - ratio), n))
+    k = min(range(len(skippable) + 1), key=lambda n: (abs(n / num_layers - ratio), -n))  # ties: skip more
     return [skippable[int((i + 0.5) * len(skippable) / k)] for i in range(k)] if k else []
 
 
@@ -497,40 +498,101 @@ def torch_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[f
     return specs
 
 
-def onnx_specs(directory: str | Path, num_layers: int, config: Any | None, ratios: Sequence[float],
-               threads: int | None, spin: bool | None) -> list[RunSpec]:
-    """ONNX Runtime runs of one export folder: its dense graph (no ``If``), its policy, and forced ratios."""
-    try:
-        from .backends.onnxruntime import OrtBackend
-    except ImportError as exc:
-        raise SkipToolError(f"--onnx needs skiptool's ONNX Runtime backend, which failed to import: {exc}") from None
-    directory = Path(directory)
-    graph = directory / "model.onnx"
-    if not graph.is_file():
-        raise SkipToolError(f"no model.onnx in {directory} (expected a `skiptool export --format onnx` folder)")
-    graph_bytes = onnx_graph_bytes(graph)
-    dense_dir = find_dense_export(directory)
-    dense_bytes = onnx_graph_bytes(dense_dir / "model.onnx").read_dense if dense_dir is not None else None
-    basis = graph_bytes.basis(num_layers, dense_bytes)
-    precision = onnx_precision(graph)
-    settings = {"threads": threads, "spin": spin, "graph": str(graph), "if_nodes": graph_bytes.num_ifs,
-                "branch_weight_share": graph_bytes.branch_share}
+@dataclass
+class ExportPlan:
+    """An export folder to benchmark: its graph, precision, bytes, skip config and dense counterpart."""
+
+    directory: Path
+    precision: str
+    graph_bytes: GraphBytes
+    config: Any | None
+    dense_dir: Path | None = None
+
+    @classmethod
+    def of(cls, directory: str | Path, config: Any | None) -> "ExportPlan":
+        directory = Path(directory)
+        graph = directory / "model.onnx"
+        if not graph.is_file():
+            raise SkipToolError(f"no model.onnx in {directory} (expected a `skiptool export --format onnx` folder)")
+        return cls(directory, onnx_precision(graph), onnx_graph_bytes(graph), config or _config_beside([directory]),
+                   find_dense_export(directory))
+
+    @property
+    def genai_ready(self) -> bool:
+        """Runnable in onnxruntime-genai's generator with a settable skip_mask (``--target ort`` exports)."""
+        from .exporters.ort_target import OVERRIDE_MODEL_FILE
+
+        return (self.directory / "genai_config.json").is_file() and (self.directory / OVERRIDE_MODEL_FILE).is_file()
+
+    def basis(self, num_layers: int, dense_graph: Path | None) -> IdealBasis:
+        dense = onnx_graph_bytes(dense_graph).read_dense if dense_graph is not None else None
+        return self.graph_bytes.basis(num_layers, dense)
+
+    def settings(self, threads: int | None, spin: bool | None) -> dict[str, Any]:
+        return {"threads": threads, "spin": spin, "graph": str(self.directory / "model.onnx"),
+                "if_nodes": self.graph_bytes.num_ifs, "branch_weight_share": self.graph_bytes.branch_share}
+
+
+def _variant_specs(plan: ExportPlan, backend: str, make: Callable[[list[int] | None], Callable[[], Any]],
+                   num_layers: int, ratios: Sequence[float], basis: IdealBasis,
+                   settings: dict[str, Any]) -> list[RunSpec]:
+    """The policy run (if the config has one) and one forced run per ratio of an export, for one runner."""
     specs = []
-    if dense_dir is not None:
-        specs.append(RunSpec("onnxruntime", "dense", precision,
-                             lambda: OrtBackend(dense_dir, threads=threads, spin=spin),
-                             settings={**settings, "graph": str(dense_dir / "model.onnx"), "if_nodes": 0}))
-    if config is not None and config.policy.kind != "none":
-        specs.append(RunSpec("onnxruntime", "skip", precision, lambda: OrtBackend(directory, threads=threads, spin=spin),
-                             policy=config.policy.kind, ideal=basis, settings=settings))
-    skippable = config.skippable_layers if config is not None else list(range(num_layers))
+    graph = "skiptool graph"
+    if plan.config is not None and plan.config.policy.kind != "none":
+        specs.append(RunSpec(backend, "skip", plan.precision, make(None), policy=plan.config.policy.kind,
+                             ideal=basis, settings=settings,
+                             label=f"{backend} {plan.precision} skip ({plan.config.policy.kind}, {graph})"))
+    skippable = plan.config.skippable_layers if plan.config is not None else list(range(num_layers))
     for ratio in ratios:
         mask = forced_mask(num_layers, skippable, ratio)
-        specs.append(RunSpec("onnxruntime", "skip", precision,
-                             lambda mask=mask: OrtBackend(directory, threads=threads, spin=spin, skip_mask=mask),
-                             policy="forced", forced_ratio=ratio, ideal=basis,
+        specs.append(RunSpec(backend, "skip", plan.precision, make(mask), policy="forced", forced_ratio=ratio,
+                             ideal=basis, label=f"{backend} {plan.precision} skip {ratio:.0%} forced ({graph})",
                              settings={**settings, "forced_layers": [i for i, v in enumerate(mask) if v == 1]}))
     return specs
+
+
+def genai_export_specs(plan: ExportPlan, num_layers: int, ratios: Sequence[float], threads: int | None,
+                       spin: bool | None, max_length: int, dense_graph: Path | None) -> list[RunSpec]:
+    """Runs of a ``--target ort`` export in onnxruntime-genai's own generator (its dense peer is the baseline)."""
+    from .backends.peers import GenaiBackend
+    from .exporters.ort_target import MODEL_FILE, OVERRIDE_MODEL_FILE
+
+    warmup = plan.config.warmup if plan.config is not None else 0
+
+    def make(mask: list[int] | None) -> Callable[[], Any]:
+        filename = MODEL_FILE if mask is None else OVERRIDE_MODEL_FILE
+        return lambda: GenaiBackend(plan.directory, plan.precision, threads, spin, max_length, filename=filename,
+                                    skip_mask=mask, warmup=warmup)
+
+    return _variant_specs(plan, "onnxruntime-genai", make, num_layers, ratios, plan.basis(num_layers, dense_graph),
+                          plan.settings(threads, spin))
+
+
+def ort_export_specs(plan: ExportPlan, num_layers: int, ratios: Sequence[float], threads: int | None,
+                     spin: bool | None, dense_dir: Path | None) -> list[RunSpec]:
+    """Runs of an export in plain ONNX Runtime (skiptool's backend): its dense graph, policy, forced ratios."""
+    from .backends.onnxruntime import OrtBackend
+
+    settings = plan.settings(threads, spin)
+    specs = []
+    if dense_dir is not None:
+        specs.append(RunSpec("onnxruntime", "dense", plan.precision,
+                             lambda: OrtBackend(dense_dir, threads=threads, spin=spin),
+                             settings={**settings, "graph": str(dense_dir / "model.onnx"), "if_nodes": 0}))
+
+    def make(mask: list[int] | None) -> Callable[[], Any]:
+        return lambda: OrtBackend(plan.directory, threads=threads, spin=spin, skip_mask=mask)
+
+    dense_graph = dense_dir / "model.onnx" if dense_dir is not None else None
+    return specs + _variant_specs(plan, "onnxruntime", make, num_layers, ratios, plan.basis(num_layers, dense_graph),
+                                  settings)
+
+
+def ort_backend_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("skiptool.backends.onnxruntime") is not None
 
 
 def find_dense_export(directory: Path) -> Path | None:
@@ -568,14 +630,49 @@ def onnx_precision(model: Any) -> str:
     return {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(heaviest, "fp32")
 
 
-def peer_specs(hf_dir: str | None, gguf: str | None, threads: int | None, spin: bool | None,
-               max_length: int) -> list[RunSpec]:
-    """onnxruntime-genai (fp32, int4) and llama.cpp runs, or skipped entries saying how to install them."""
+def peer_specs(hf_dir: str | None, gguf: str | None, threads: int | None, spin: bool | None, max_length: int,
+               genai_precisions: Sequence[str] = ("fp32", "int4"), llama_cpp: bool = True) -> list[RunSpec]:
+    """onnxruntime-genai and llama.cpp runs, or skipped entries saying how to install them."""
     from .backends.peers import genai_entries, llama_cpp_entries
 
-    entries = genai_entries(hf_dir, threads, spin, max_length=max_length) + llama_cpp_entries(gguf, threads, max_length)
+    entries = genai_entries(hf_dir, threads, spin, genai_precisions, max_length) if genai_precisions else []
+    entries += llama_cpp_entries(gguf, threads, max_length) if llama_cpp else []
     return [RunSpec(e.backend, "dense", e.precision, e.make, policy="dense", skipped=e.skipped, optional=True,
-                    settings=e.settings or {}) for e in entries]
+                    settings=e.settings or {}, label=f"{e.backend} {e.precision} dense (peer)") for e in entries]
+
+
+def plan_runs(req: "BenchRequest", lm: Any, config: Any | None, threads: int, max_length: int) -> list[RunSpec]:
+    """Every run of a benchmark, in table order: PyTorch, ONNX Runtime, onnxruntime-genai, llama.cpp."""
+    from .backends.peers import genai_model_dir, installed
+
+    layers = int(lm.model.config.num_hidden_layers)
+    hf_dir, gguf = model_files(req.model, lm.model)
+    plans = [ExportPlan.of(d, config) for d in req.onnx]
+    for plan in plans:
+        if plan.config is not None:
+            plan.config.check_matches(lm.model)
+    genai = installed("onnxruntime_genai") and hf_dir is not None
+    precisions = list(dict.fromkeys((["fp32", "int4"] if req.peers else [])
+                                    + [p.precision for p in plans if p.genai_ready and genai]))
+    genai_dense = {p: genai_model_dir(hf_dir, p) for p in precisions} if genai else {}
+    specs = torch_specs(lm.model, lm.adapter, config, req.skip_ratios, req.device) if req.torch else []
+    genai_runs: list[RunSpec] = []
+    for plan in plans:
+        runnable = False
+        if ort_backend_available():
+            dense_dir = plan.dense_dir or (genai_dense.get(plan.precision) if plan.genai_ready else None)
+            specs += ort_export_specs(plan, layers, req.skip_ratios, threads, req.spin, dense_dir)
+            runnable = True
+        if plan.genai_ready and genai:
+            dense = genai_dense[plan.precision] / "model.onnx"
+            genai_runs += genai_export_specs(plan, layers, req.skip_ratios, threads, req.spin, max_length, dense)
+            runnable = True
+        if not runnable:
+            raise SkipToolError(f"nothing here can run {plan.directory}: it needs skiptool's ONNX Runtime backend, "
+                                "or onnxruntime-genai for a --target ort export")
+    peers = peer_specs(hf_dir, gguf, threads, req.spin, max_length, precisions, llama_cpp=req.peers)
+    genai_peers = [p for p in peers if p.backend == "onnxruntime-genai"]
+    return specs + genai_peers + genai_runs + [p for p in peers if p.backend != "onnxruntime-genai"]
 
 
 def model_files(source: str, model: Any) -> tuple[str | None, str | None]:
@@ -645,14 +742,7 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
                if req.quality else None)
     m = Measurement(prompts, req.new_tokens, req.repeats, req.warmup, quality)
     max_length = max(req.prompt_tokens + req.new_tokens, req.quality_tokens) + 16
-    specs: list[RunSpec] = []
-    if req.torch:
-        specs += torch_specs(lm.model, lm.adapter, config, req.skip_ratios, req.device)
-    for directory in req.onnx:
-        specs += onnx_specs(directory, lm.model.config.num_hidden_layers, config, req.skip_ratios, threads, req.spin)
-    if req.peers:
-        hf_dir, gguf = model_files(req.model, lm.model)
-        specs += peer_specs(hf_dir, gguf, threads, req.spin, max_length)
+    specs = plan_runs(req, lm, config, threads, max_length)
     if on_start is not None:
         on_start(progress_steps(specs, m))
     load_start = os.getloadavg()
@@ -727,9 +817,9 @@ def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.barh(y, tps, xerr=err, color=colors, capsize=3)
     ideal = [(yy, r["ideal_tokens_per_s"]) for yy, r in zip(y, runs) if r.get("ideal_tokens_per_s")]
     if ideal:
-        ax.scatter([v for _, v in ideal], [yy for yy, _ in ideal], marker="|", s=400, color="black", zorder=3,
-                   label="ideal (weight bytes)")
-        ax.legend(loc="lower right")
+        ax.scatter([v for _, v in ideal], [yy for yy, _ in ideal], marker="D", s=36, color="crimson", zorder=3,
+                   label="ideal at the realised skip ratio (dense tok/s × weight-byte ratio)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.6 / max(len(runs), 1)), frameon=False)
     ax.set_yticks(y, [r["label"] for r in runs])
     ax.set_xlabel("decode tokens/s (median, min–max)")
     s = report["settings"]
@@ -802,3 +892,24 @@ def parse_ratios(text: str | None) -> list[float]:
     if bad:
         raise SkipToolError(f"skip ratios must be in [0, 1] (got {bad[0]})")
     return ratios
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (what the README's performance section shows)."""
+    s = report["settings"]
+    lines = [f"{report['model']}, batch 1, {s['prompt_tokens'][0]}-token prompt, {s['new_tokens']} new tokens, "
+             f"{s['threads']} threads, ONNX Runtime intra-op spinning {s['intra_op_spinning']}; median of "
+             f"{s['repeats']} interleaved runs (min–max), warm-up dropped.", "",
+             "| run | tok/s | min–max | p50 / p90 ms | skip | speedup | ideal | of ideal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if not r["tokens_per_s"]:
+            lines.append(f"| {r['label']} | {r['status']} | | | | | | |")
+            continue
+        lines.append(" | ".join([
+            f"| {r['label']}", _fmt(r["tokens_per_s"], "{:.1f}"),
+            f"{_fmt(r['tokens_per_s_min'], '{:.1f}')}–{_fmt(r['tokens_per_s_max'], '{:.1f}')}",
+            f"{_fmt(r['latency_ms_p50'], '{:.1f}')} / {_fmt(r['latency_ms_p90'], '{:.1f}')}",
+            _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}×"), _fmt(r["ideal_speedup"], "{:.3f}×"),
+            _fmt(r["fraction_of_ideal"], "{:.2f}") + " |"]))
+    return "\n".join(lines) + "\n"

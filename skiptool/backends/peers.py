@@ -51,42 +51,67 @@ def not_installed(package: str, command: str) -> str:
 # onnxruntime-genai
 # ------------------------------------------------------------------------------------------------
 class GenaiBackend:
-    """onnxruntime-genai's generator as a :class:`~skiptool.backends.base.DecodeBackend`."""
+    """onnxruntime-genai's generator as a :class:`~skiptool.backends.base.DecodeBackend`.
+
+    Also runs skiptool's ``--target ort`` exports (genai's graph with an ``If`` per skippable FFN): give
+    `filename` (the export's graph whose ``skip_mask`` is a required input) and `skip_mask` to force
+    layers; the realised ratio is then known from the mask, the warm-up and the decoded positions.
+    """
 
     name = "onnxruntime-genai"
-    mode = "dense"
 
     def __init__(self, model_dir: str | Path, precision: str, threads: int | None = None, spin: bool | None = None,
-                 max_length: int = 2048) -> None:
+                 max_length: int = 2048, filename: str | None = None, skip_mask: Sequence[int] | None = None,
+                 warmup: int = 0) -> None:
         import onnxruntime_genai as og
 
         self.precision = precision
         self.model_dir = Path(model_dir)
+        self.mode = "dense" if filename is None else "skip"
+        overlay = genai_overlay(threads, spin)
+        if filename is not None:
+            overlay["model"]["decoder"]["filename"] = filename
         config = og.Config(str(model_dir))
-        config.overlay(json.dumps(genai_overlay(threads, spin)))
+        config.overlay(json.dumps(overlay))
         self._og = og
         self.model = og.Model(config)
         self.max_length = max_length
+        self.skip_mask = None if skip_mask is None else np.asarray(skip_mask, dtype=np.int64)
+        self.warmup = warmup
         self.generator: Any = None
+        self._position = self._steps = self._skipping_steps = 0
 
     def reset(self) -> None:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(max_length=self.max_length, do_sample=False, batch_size=1)
         self.generator = self._og.Generator(self.model, params)
+        if self.skip_mask is not None:
+            self.generator.set_model_input("skip_mask", self.skip_mask)
+        self._position = self._steps = self._skipping_steps = 0
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         self.generator.append_tokens(np.asarray([list(token_ids)], dtype=np.int32))
+        self._position = len(token_ids)
         return self._logits()
 
     def step(self, token_id: int) -> np.ndarray:
         self.generator.append_tokens(np.asarray([[int(token_id)]], dtype=np.int32))
+        self._steps += 1
+        self._skipping_steps += int(self._position >= self.warmup)
+        self._position += 1
         return self._logits()
 
     def _logits(self) -> np.ndarray:
         return np.asarray(self.generator.get_logits()).reshape(-1)
 
     def skip_ratio(self) -> float | None:
-        return 0.0
+        """Over the decode steps: the forced layers' share, on the steps past the warm-up (None: policy-driven)."""
+        if self.mode == "dense":
+            return 0.0
+        if self.skip_mask is None or not np.all(self.skip_mask != 0) or self._steps == 0:
+            return None
+        forced = float(np.mean(self.skip_mask == 1))
+        return forced * self._skipping_steps / self._steps
 
 
 def genai_overlay(threads: int | None, spin: bool | None) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""Reproduce the README's performance table on this machine.
+
+    python benchmarks/run_bench.py                       # demo model, --spin off, 5 repeats, 128 new tokens
+    python benchmarks/run_bench.py --spin on --out /tmp/bench-spin
+
+1. Exports the demo model twice with ``skiptool export --format onnx --target ort`` (fp32 and int4), using
+   ``--config`` (default: a dense config, so only the forced ratios skip); existing exports are reused.
+2. Runs ``skiptool bench`` on both exports with forced ratios 0 (the ``If`` overhead), 25% and 50%,
+   beside PyTorch eager and the peers (onnxruntime-genai fp32/int4, llama.cpp on the GGUF), interleaved.
+3. Writes ``OUT/bench-cpu.json``, ``OUT/bench-cpu.png`` and ``OUT/bench-cpu.md`` (the README's table).
+
+The machine should be otherwise idle: on 2 vCPUs any other busy process changes the figures a lot,
+and ONNX Runtime's intra-op spinning (``--spin``) makes that worse (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DEMO = "smollm2-135m"
+
+
+def export(model: str, config: Path, quantize: str, out: Path) -> Path:
+    """``skiptool export --target ort`` once per precision (reused when the folder is complete)."""
+    if (out / "model.onnx").is_file() and (out / "genai_config.json").is_file():
+        return out
+    cmd = ["skiptool", "export", model, "--config", str(config), "--format", "onnx", "--target", "ort",
+           "--quantize", quantize, "-o", str(out)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def dense_config(model: str, out: Path) -> Path:
+    """A never-skip config for the model (forced ratios do all the skipping)."""
+    from skiptool.config import dense_config as make
+    from skiptool.models import load_model
+
+    path = out / "dense_config" / "skip_config.json"
+    if not path.is_file():
+        make(load_model(model).model, source=model).save(path)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEMO)
+    parser.add_argument("--config", type=Path, help="skip config to export (default: dense, forced ratios only)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--spin", choices=("on", "off"), default="off")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip-ratio", default="0,0.25,0.5")
+    parser.add_argument("--quality", action="store_true", help="add each run's perplexity on a small slice")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = args.config or dense_config(args.model, args.out)
+    exports = [export(args.model, config, q, args.out / f"onnx-{q}") for q in ("none", "int4")]
+    report = args.out / "bench-cpu.json"
+    cmd = ["skiptool", "bench", args.model, "--config", str(config), "--skip-ratio", args.skip_ratio,
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--spin", args.spin,
+           "--threads", str(args.threads), "--json", str(report)]
+    for folder in exports:
+        cmd += ["--onnx", str(folder)]
+    if args.quality:
+        cmd.append("--quality")
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+    from skiptool.bench import report_markdown
+
+    table = args.out / "bench-cpu.md"
+    table.write_text(report_markdown(json.loads(report.read_text())))
+    print(table.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
