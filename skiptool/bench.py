@@ -166,7 +166,7 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
     """Weight bytes per decoded token of an ONNX model (a path or a ModelProto), split by ``If`` branch.
 
     A weight counts for one branch of one top-level ``If`` when every use of it is inside that branch
-    (at any depth); a weight used only as a lookup table (:data:`LOOKUP_INPUTS`) is excluded.
+    (at any depth); a weight used only as a lookup table (:data:`LOOKUP_INPUTS`), or not at all, is excluded.
     """
     import onnx
 
@@ -180,7 +180,7 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
     outside = excluded = 0
     for name, nbytes in sizes.items():
         where = uses.get(name, [])
-        if where and all((op, i) in LOOKUP_INPUTS for op, i, _ in where):
+        if all((op, i) in LOOKUP_INPUTS for op, i, _ in where):  # a lookup table, or never used
             excluded += nbytes
             continue
         scopes = {scope for _, _, scope in where}
@@ -500,54 +500,114 @@ def torch_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[f
 
 @dataclass
 class ExportPlan:
-    """An export folder to benchmark: its graph, precision, bytes, skip config and dense counterpart."""
+    """An export folder to benchmark: its graph, precision, weight bytes, mode and skip config.
+
+    Two kinds of folders: ``skiptool export --format onnx`` writes ``skiptool_export.json`` and runs in
+    skiptool's ONNX Runtime backend (its dense counterpart is a ``--dense`` export of the same precision,
+    given with another ``--onnx``); ``--target ort`` writes onnxruntime-genai's graph with ``If`` nodes and
+    runs in onnxruntime-genai's generator (its dense counterpart is the model builder's own graph).
+    """
 
     directory: Path
     precision: str
+    mode: str  # "skip" or "dense"
     graph_bytes: GraphBytes
     config: Any | None
-    dense_dir: Path | None = None
+    info: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, directory: str | Path, config: Any | None) -> "ExportPlan":
         directory = Path(directory)
-        graph = directory / "model.onnx"
+        info_path = directory / "skiptool_export.json"
+        info = _read_json(info_path) if info_path.is_file() else None
+        graph = directory / ((info or {}).get("file") or "model.onnx")
         if not graph.is_file():
-            raise SkipToolError(f"no model.onnx in {directory} (expected a `skiptool export --format onnx` folder)")
-        return cls(directory, onnx_precision(graph), onnx_graph_bytes(graph), config or _config_beside([directory]),
-                   find_dense_export(directory))
+            raise SkipToolError(f"no ONNX graph in {directory} (expected a `skiptool export --format onnx` folder)")
+        graph_bytes = onnx_graph_bytes(graph)
+        precision = (info or {}).get("precision") or onnx_precision(graph)
+        mode = (info or {}).get("mode") or ("skip" if graph_bytes.num_ifs else "dense")
+        return cls(directory, precision, mode, graph_bytes, config or _config_beside([directory]), info)
 
     @property
-    def genai_ready(self) -> bool:
-        """Runnable in onnxruntime-genai's generator with a settable skip_mask (``--target ort`` exports)."""
+    def runner(self) -> str | None:
+        """"onnxruntime" (skiptool's backend), "onnxruntime-genai" (a --target ort export), or None."""
         from .exporters.ort_target import OVERRIDE_MODEL_FILE
 
-        return (self.directory / "genai_config.json").is_file() and (self.directory / OVERRIDE_MODEL_FILE).is_file()
+        if self.info is not None:
+            return "onnxruntime"
+        if (self.directory / "genai_config.json").is_file() and (self.directory / OVERRIDE_MODEL_FILE).is_file():
+            return "onnxruntime-genai"
+        return None
 
-    def basis(self, num_layers: int, dense_graph: Path | None) -> IdealBasis:
-        dense = onnx_graph_bytes(dense_graph).read_dense if dense_graph is not None else None
+    def basis(self, num_layers: int, dense_graph_bytes: GraphBytes | None) -> IdealBasis:
+        dense = dense_graph_bytes.read_dense if dense_graph_bytes is not None else None
         return self.graph_bytes.basis(num_layers, dense)
 
     def settings(self, threads: int | None, spin: bool | None) -> dict[str, Any]:
-        return {"threads": threads, "spin": spin, "graph": str(self.directory / "model.onnx"),
+        return {"threads": threads, "spin": spin, "graph": str(self.directory),
                 "if_nodes": self.graph_bytes.num_ifs, "branch_weight_share": self.graph_bytes.branch_share}
 
 
-def _variant_specs(plan: ExportPlan, backend: str, make: Callable[[list[int] | None], Callable[[], Any]],
-                   num_layers: int, ratios: Sequence[float], basis: IdealBasis,
-                   settings: dict[str, Any]) -> list[RunSpec]:
-    """The policy run (if the config has one) and one forced run per ratio of an export, for one runner."""
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SkipToolError(f"cannot read {path}: {exc}") from None
+
+
+class MaskedView:
+    """One loaded backend shared by runs that differ only in their ``skip_mask`` (set at each reset)."""
+
+    def __init__(self, backend: Any, mask: Sequence[int] | None) -> None:
+        self.backend, self.mask = backend, mask
+        self.name, self.precision, self.mode = backend.name, backend.precision, "skip"
+
+    def reset(self) -> None:
+        self.backend.set_skip_mask(self.mask)
+        self.backend.reset()
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.backend.prefill(token_ids)
+
+    def step(self, token_id: int) -> np.ndarray:
+        return self.backend.step(token_id)
+
+    def skip_ratio(self) -> float | None:
+        return self.backend.skip_ratio()
+
+
+def shared(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """`factory`, called once: later calls return the same backend."""
+    made: list[Any] = []
+
+    def get() -> Any:
+        if not made:
+            made.append(factory())
+        return made[0]
+
+    return get
+
+
+def export_variant_specs(plan: ExportPlan, backend: str, num_layers: int, ratios: Sequence[float],
+                         policy_make: Callable[[], Any], masked_make: Callable[[], Any], basis: IdealBasis,
+                         settings: dict[str, Any]) -> list[RunSpec]:
+    """A skipping export's runs for one runner: its own policy (if the config has one) and each forced ratio.
+
+    The forced runs share one loaded backend (`masked_make`, called once) and set their mask at reset.
+    """
+    label = f"{backend} {plan.precision} skip {{}} (skiptool graph)"
     specs = []
-    graph = "skiptool graph"
     if plan.config is not None and plan.config.policy.kind != "none":
-        specs.append(RunSpec(backend, "skip", plan.precision, make(None), policy=plan.config.policy.kind,
-                             ideal=basis, settings=settings,
-                             label=f"{backend} {plan.precision} skip ({plan.config.policy.kind}, {graph})"))
+        specs.append(RunSpec(backend, "skip", plan.precision, policy_make, policy=plan.config.policy.kind,
+                             ideal=basis, settings=settings, label=label.format(plan.config.policy.kind)))
     skippable = plan.config.skippable_layers if plan.config is not None else list(range(num_layers))
+    loaded = shared(masked_make)
     for ratio in ratios:
         mask = forced_mask(num_layers, skippable, ratio)
-        specs.append(RunSpec(backend, "skip", plan.precision, make(mask), policy="forced", forced_ratio=ratio,
-                             ideal=basis, label=f"{backend} {plan.precision} skip {ratio:.0%} forced ({graph})",
+        specs.append(RunSpec(backend, "skip", plan.precision, lambda mask=mask: MaskedView(loaded(), mask),
+                             policy="forced", forced_ratio=ratio, ideal=basis, label=label.format(f"{ratio:.0%} forced"),
                              settings={**settings, "forced_layers": [i for i, v in enumerate(mask) if v == 1]}))
     return specs
 
@@ -560,47 +620,33 @@ def genai_export_specs(plan: ExportPlan, num_layers: int, ratios: Sequence[float
 
     warmup = plan.config.warmup if plan.config is not None else 0
 
-    def make(mask: list[int] | None) -> Callable[[], Any]:
-        filename = MODEL_FILE if mask is None else OVERRIDE_MODEL_FILE
+    def make(filename: str) -> Callable[[], Any]:
         return lambda: GenaiBackend(plan.directory, plan.precision, threads, spin, max_length, filename=filename,
-                                    skip_mask=mask, warmup=warmup)
+                                    warmup=warmup)
 
-    return _variant_specs(plan, "onnxruntime-genai", make, num_layers, ratios, plan.basis(num_layers, dense_graph),
-                          plan.settings(threads, spin))
+    dense = onnx_graph_bytes(dense_graph) if dense_graph is not None else None
+    return export_variant_specs(plan, "onnxruntime-genai", num_layers, ratios, make(MODEL_FILE),
+                                make(OVERRIDE_MODEL_FILE), plan.basis(num_layers, dense), plan.settings(threads, spin))
 
 
-def ort_export_specs(plan: ExportPlan, num_layers: int, ratios: Sequence[float], threads: int | None,
-                     spin: bool | None, dense_dir: Path | None) -> list[RunSpec]:
-    """Runs of an export in plain ONNX Runtime (skiptool's backend): its dense graph, policy, forced ratios."""
+def ort_export_specs(plans: Sequence[ExportPlan], num_layers: int, ratios: Sequence[float], threads: int | None,
+                     spin: bool | None) -> list[RunSpec]:
+    """skiptool's ONNX Runtime backend on standard exports: each dense export, then each skipping one
+    (compared with the dense export of the same precision)."""
     from .backends.onnxruntime import OrtBackend
 
-    settings = plan.settings(threads, spin)
-    specs = []
-    if dense_dir is not None:
-        specs.append(RunSpec("onnxruntime", "dense", plan.precision,
-                             lambda: OrtBackend(dense_dir, threads=threads, spin=spin),
-                             settings={**settings, "graph": str(dense_dir / "model.onnx"), "if_nodes": 0}))
-
-    def make(mask: list[int] | None) -> Callable[[], Any]:
-        return lambda: OrtBackend(plan.directory, threads=threads, spin=spin, skip_mask=mask)
-
-    dense_graph = dense_dir / "model.onnx" if dense_dir is not None else None
-    return specs + _variant_specs(plan, "onnxruntime", make, num_layers, ratios, plan.basis(num_layers, dense_graph),
-                                  settings)
-
-
-def ort_backend_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("skiptool.backends.onnxruntime") is not None
-
-
-def find_dense_export(directory: Path) -> Path | None:
-    """The dense (no-``If``) export that goes with an export folder: ``DIR/dense/`` or ``DIR-dense/``."""
-    for candidate in (directory / "dense", directory.with_name(directory.name + "-dense")):
-        if (candidate / "model.onnx").is_file():
-            return candidate
-    return None
+    specs, dense = [], {p.precision: p for p in plans if p.mode == "dense"}
+    for plan in plans:
+        settings = plan.settings(threads, spin)
+        make = shared(lambda plan=plan: OrtBackend(plan.directory, threads=threads, spin=spin))
+        if plan.mode == "dense":
+            specs.append(RunSpec("onnxruntime", "dense", plan.precision, make, settings=settings))
+            continue
+        base = dense.get(plan.precision)
+        basis = plan.basis(num_layers, base.graph_bytes if base is not None else None)
+        specs += export_variant_specs(plan, "onnxruntime", num_layers, ratios, lambda make=make: MaskedView(make(), None),
+                                      make, basis, settings)
+    return sorted(specs, key=lambda s: (s.precision, s.mode != "dense"))
 
 
 def onnx_precision(model: Any) -> str:
@@ -651,28 +697,25 @@ def plan_runs(req: "BenchRequest", lm: Any, config: Any | None, threads: int, ma
     for plan in plans:
         if plan.config is not None:
             plan.config.check_matches(lm.model)
+        if plan.runner is None:
+            raise SkipToolError(f"{plan.directory} is neither a `skiptool export --format onnx` folder nor a "
+                                "--target ort one")
     genai = installed("onnxruntime_genai") and hf_dir is not None
-    precisions = list(dict.fromkeys((["fp32", "int4"] if req.peers else [])
-                                    + [p.precision for p in plans if p.genai_ready and genai]))
+    genai_plans = [p for p in plans if p.runner == "onnxruntime-genai"]
+    if genai_plans and not genai:
+        raise SkipToolError(f"{genai_plans[0].directory} is a --target ort export: running it needs "
+                            "onnxruntime-genai (pip install onnxruntime-genai) and the model's Hugging Face folder")
+    precisions = list(dict.fromkeys((["fp32", "int4"] if req.peers else []) + [p.precision for p in genai_plans]))
     genai_dense = {p: genai_model_dir(hf_dir, p) for p in precisions} if genai else {}
     specs = torch_specs(lm.model, lm.adapter, config, req.skip_ratios, req.device) if req.torch else []
-    genai_runs: list[RunSpec] = []
-    for plan in plans:
-        runnable = False
-        if ort_backend_available():
-            dense_dir = plan.dense_dir or (genai_dense.get(plan.precision) if plan.genai_ready else None)
-            specs += ort_export_specs(plan, layers, req.skip_ratios, threads, req.spin, dense_dir)
-            runnable = True
-        if plan.genai_ready and genai:
-            dense = genai_dense[plan.precision] / "model.onnx"
-            genai_runs += genai_export_specs(plan, layers, req.skip_ratios, threads, req.spin, max_length, dense)
-            runnable = True
-        if not runnable:
-            raise SkipToolError(f"nothing here can run {plan.directory}: it needs skiptool's ONNX Runtime backend, "
-                                "or onnxruntime-genai for a --target ort export")
+    specs += ort_export_specs([p for p in plans if p.runner == "onnxruntime"], layers, req.skip_ratios, threads,
+                              req.spin)
     peers = peer_specs(hf_dir, gguf, threads, req.spin, max_length, precisions, llama_cpp=req.peers)
-    genai_peers = [p for p in peers if p.backend == "onnxruntime-genai"]
-    return specs + genai_peers + genai_runs + [p for p in peers if p.backend != "onnxruntime-genai"]
+    for plan in genai_plans:
+        dense = genai_dense[plan.precision] / "model.onnx"
+        peers += genai_export_specs(plan, layers, req.skip_ratios, threads, req.spin, max_length, dense)
+    order = {"onnxruntime-genai": 0, "llama.cpp": 1}
+    return specs + sorted(peers, key=lambda s: (order.get(s.backend, 2), s.precision, s.mode != "dense"))
 
 
 def model_files(source: str, model: Any) -> tuple[str | None, str | None]:

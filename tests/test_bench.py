@@ -322,3 +322,51 @@ def test_bench_on_the_demo_model_measures_or_skips_every_peer(tmp_path):
     assert {r["backend"] for r in peer_rows} == {"onnxruntime-genai", "llama.cpp"}
     for r in peer_rows:
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 or r["status"].startswith("skipped: ")
+
+
+def _write_export(folder: Path, mode: str, model: onnx.ModelProto) -> Path:
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "skiptool_export.json").write_text(json.dumps({"file": "model.onnx", "precision": "fp32", "mode": mode,
+                                                             "num_layers": 2}))
+    return folder
+
+
+def test_onnx_exports_pair_with_the_dense_export_of_their_precision_and_share_one_session(tmp_path, monkeypatch):
+    import types
+
+    made: list[str] = []
+
+    class FakeOrt(FakeBackend):
+        name = "onnxruntime"
+
+        def __init__(self, model_dir, threads=None, spin=None, skip_mask=None):
+            super().__init__(Path(model_dir).name, [])
+            made.append(Path(model_dir).name)
+            self.mask = None
+
+        def set_skip_mask(self, mask):
+            self.mask = mask
+
+    monkeypatch.setitem(__import__("sys").modules, "skiptool.backends.onnxruntime", types.SimpleNamespace(OrtBackend=FakeOrt))
+    dense_graph = _if_graph()
+    dense_graph.graph.node[2].CopyFrom(helper.make_node("Identity", ["x"], ["delta"]))  # no If: the FFN is gone
+    skip = bench.ExportPlan.of(_write_export(tmp_path / "skip", "skip", _if_graph()), None)
+    dense = bench.ExportPlan.of(_write_export(tmp_path / "dense", "dense", dense_graph), None)
+    assert (skip.runner, skip.mode, dense.mode) == ("onnxruntime", "skip", "dense")
+    specs = bench.ort_export_specs([skip, dense], num_layers=2, ratios=[0.0, 0.5], threads=1, spin=False)
+    assert [(s.mode, s.forced_ratio) for s in specs] == [("dense", None), ("skip", 0.0), ("skip", 0.5)]
+    assert specs[2].ideal.dense_bytes == dense.graph_bytes.read_dense < skip.graph_bytes.read_dense
+    assert dense.graph_bytes.num_ifs == 0 and dense.graph_bytes.excluded > skip.graph_bytes.excluded  # unused FFN
+    backends = [s.make() for s in specs]
+    assert made == ["dense", "skip"]  # the forced runs share one session
+    backends[2].reset()
+    assert backends[2].backend.mask == [1, -1] or backends[2].backend.mask == [-1, 1]
+    backends[1].reset()
+    assert backends[1].backend.mask == [-1, -1]
+
+
+def test_a_folder_that_is_no_export_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(bench.SkipToolError):
+        bench.ExportPlan.of(tmp_path / "x", None)

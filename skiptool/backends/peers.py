@@ -76,10 +76,16 @@ class GenaiBackend:
         self._og = og
         self.model = og.Model(config)
         self.max_length = max_length
-        self.skip_mask = None if skip_mask is None else np.asarray(skip_mask, dtype=np.int64)
+        self.set_skip_mask(skip_mask)
         self.warmup = warmup
         self.generator: Any = None
         self._position = self._steps = self._skipping_steps = 0
+
+    def set_skip_mask(self, skip_mask: Sequence[int] | None) -> None:
+        """Force layers from the next :meth:`reset` on (1 skip, -1 compute, 0 policy); needs the override graph."""
+        if skip_mask is not None and self.mode == "dense":
+            raise ValueError("a skip_mask needs the export's override graph (filename=...)")
+        self.skip_mask = None if skip_mask is None else np.asarray(skip_mask, dtype=np.int64)
 
     def reset(self) -> None:
         params = self._og.GeneratorParams(self.model)
