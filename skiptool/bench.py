@@ -531,10 +531,10 @@ class ExportPlan:
     @property
     def runner(self) -> str | None:
         """"onnxruntime" (skiptool's backend), "onnxruntime-genai" (a --target ort export), or None."""
-        from .exporters.ort_target import OVERRIDE_MODEL_FILE
-
         if self.info is not None:
             return "onnxruntime"
+        from .exporters.ort_target import OVERRIDE_MODEL_FILE
+
         if (self.directory / "genai_config.json").is_file() and (self.directory / OVERRIDE_MODEL_FILE).is_file():
             return "onnxruntime-genai"
         return None
