@@ -820,10 +820,20 @@ def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple
         "threads": threads, "intra_op_spinning": "on" if req.spin else "off", "torch_threads": torch.get_num_threads(),
         "device": req.device, "skip_ratios": list(req.skip_ratios), "quality": req.quality,
         "quality_tokens": req.quality_tokens * req.quality_blocks if req.quality else 0,
-        "versions": _versions(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "versions": _versions(), "ort_providers": _ort_providers(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _ort_providers() -> list[str]:
+    """ONNX Runtime's execution providers here (CUDA / TensorRT appear only with onnxruntime-gpu)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
 
 
 def _versions() -> dict[str, str | None]:
