@@ -69,7 +69,7 @@ class SkipPolicy(nn.Module):
         if override is not None:
             forced = override[s.layer]
             if skip.dtype == torch.bool:
-                skip = torch.where(forced == FORCE_SKIP, True, torch.where(forced == FORCE_COMPUTE, False, skip))
+                skip = (skip | (forced == FORCE_SKIP)) & (forced != FORCE_COMPUTE)  # no bool Where: ORT lacks it
             else:
                 skip = torch.where(forced == FORCE_SKIP, 1.0, torch.where(forced == FORCE_COMPUTE, 0.0, skip))
         warm = (positions >= self.warmup).expand(skip.shape)
