@@ -10,8 +10,9 @@ import functools
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -173,6 +174,169 @@ def bench(
     if plot is not None:
         write_plot(report, plot)
         console.print(f"[dim]plot: {plot}[/]")
+
+
+# ------------------------------------------------------------------------------------------------
+# calibrate / eval
+# ------------------------------------------------------------------------------------------------
+DataOpt = typer.Option("builtin:wikitext2-sample", "--data", help="Text file, JSONL file, HF dataset name, or the "
+                       "built-in sample.")
+FieldOpt = typer.Option("text", "--field", help="Text field of JSONL records / dataset rows.")
+SplitOpt = typer.Option("test", "--split", help="Hugging Face dataset split.")
+
+
+@contextmanager
+def _phase_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar (on stderr) with one bar per phase label; yields ``update(label, done, total)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def _data_spec(data: str, field: str, split: str, part: str) -> Any:
+    from .data import DataSpec, parse_part
+
+    return DataSpec(source=data, field=field, split=split, part=parse_part(part))
+
+
+@command()
+def calibrate(
+    model: str = ModelArg,
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for skip_config.json, layer_stats.json/png."),
+    target_skip: float = typer.Option(0.25, "--target-skip", help="Realised share of all FFN blocks to skip "
+                                      "(all layers, all positions) on the calibration data."),
+    data: str = DataOpt,
+    field: str = FieldOpt,
+    split: str = SplitOpt,
+    part: str = typer.Option("0:1", "--part", help="Fractions START:END of the text to use, e.g. 0:0.5."),
+    samples: int = typer.Option(16, "--samples", help="Number of calibration blocks."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per block."),
+    warmup: int = typer.Option(32, "--warmup", help="Leading positions of a sequence that never skip."),
+    greedy_k: int = typer.Option(1, "--greedy-k", help="FFNs skipped after a saturated one (grows if the target "
+                                 "needs it)."),
+    cold_start: Optional[int] = typer.Option(None, "--cold-start", help="Layers at the start that never skip "
+                                             "(default: chosen from the statistics)."),
+    cold_end: Optional[int] = typer.Option(None, "--cold-end", help="Layers at the end that never skip "
+                                           "(default: chosen from the statistics)."),
+    threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the layer statistics as JSON instead of a table."),
+) -> None:
+    """Fit the cosine (FFN-SkipLLM) policy: layer statistics, cold regions, thresholds for a target skip ratio."""
+    from .calibration.fit import CalibrationSettings, calibrate as run_calibrate
+    from .models import load_model
+    from .plots import plot_layer_stats
+
+    spec = _data_spec(data, field, split, part)
+    settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len, warmup=warmup,
+                                   greedy_k=greedy_k, cold_start=cold_start, cold_end=cold_end,
+                                   threshold_mode=threshold_mode)
+    lm = load_model(model, device=device)
+    with _phase_progress() as progress:
+        result = run_calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings, output, source=model,
+                               plot=plot_layer_stats, progress=progress)
+    stats = result.layer_stats_json()
+    if as_json:
+        _print_json(stats)
+        return
+    table = Table(title=f"layer statistics ({stats['num_blocks']} x {stats['seq_len']} tokens, after warm-up "
+                        f"{stats['warmup']})")
+    for col in ("layer", "cos", "cos q05", "cos q50", "FFN/h", "attn~FFN", "AUC", "threshold", "skip"):
+        table.add_column(col, justify="right")
+    for r in stats["layers"]:
+        th = "cold" if r["cold"] else f"{r['threshold']:.4f}"
+        table.add_row(str(r["layer"]), f"{r['saturation']['mean']:.4f}", f"{r['saturation']['q05']:.4f}",
+                      f"{r['saturation']['q50']:.4f}", f"{r['ffn_ratio']['mean']:.3f}",
+                      f"{r['attn_ffn_cos']['mean']:+.3f}", f"{r['probe_auc']:.3f}", th, f"{r['skip_ratio']:.1%}")
+    console.print(table)
+    console.print(f"cold layers: first {stats['cold_start']}, last {stats['cold_end']}; greedy-k {stats['greedy_k']}; "
+                  f"realised skip ratio on the calibration data {stats['skip_ratio']:.1%} (target "
+                  f"{target_skip:.0%})", soft_wrap=True)
+    for path in result.paths:
+        console.print(f"[dim]wrote {path}[/]", soft_wrap=True)
+
+
+@command("eval")
+def eval_command(
+    model: str = ModelArg,
+    config: Path = typer.Option(..., "--config", "-c", help="Skip config (skip_config.json or its directory)."),
+    data: str = DataOpt,
+    field: str = FieldOpt,
+    split: str = SplitOpt,
+    part: str = typer.Option("0:1", "--part", help="Fractions START:END of the text, e.g. 0.5:1 (disjoint from "
+                             "the calibration part)."),
+    samples: int = typer.Option(16, "--samples", help="Number of evaluation blocks."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per block."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also sweep quality vs realised skip ratio: cosine against "
+                               "random and static-layer skipping (writes sweep.json and sweep.png)."),
+    targets: str = typer.Option("0.05,0.10,0.15,0.25,0.40", "--targets", help="Skip ratios for --sweep."),
+    curves: str = typer.Option("cosine,random,static", "--curves", help="Sweep curves, comma-separated."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for eval.json (and the sweep); "
+                                          "default with --sweep: the config's directory."),
+    router_threshold: Optional[float] = typer.Option(None, "--router-threshold", min=0.0, max=1.0,
+                                                     help="Override the router policy's probability threshold."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (ppl_dense, ppl_skip, skip_ratio, ...)."),
+) -> None:
+    """Perplexity of the dense and the skipping model on the same tokens, and the realised skip ratio."""
+    from .calibration.fit import check_output_dir
+    from .config import load_config
+    from .evaluate import evaluate, parse_targets
+    from .models import load_model
+    from .plots import plot_sweep
+
+    spec = _data_spec(data, field, split, part)
+    skip_config = load_config(config)
+    sweep_targets = parse_targets(targets) if sweep else None
+    out = output if output is not None or not sweep else (skip_config.base_dir or Path("."))
+    if out is not None:
+        check_output_dir(out)
+    lm = load_model(model, device=device)
+    with _phase_progress() as progress:
+        result = evaluate(lm.model, lm.adapter, lm.tokenizer, skip_config, spec, samples, seq_len,
+                          sweep_targets=sweep_targets, curves=[c.strip() for c in curves.split(",") if c.strip()],
+                          out_dir=out, plot=plot_sweep, router_threshold=router_threshold, progress=progress)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    _print_eval(result)
+
+
+def _print_eval(result: Any) -> None:
+    table = Table(title=f"{result.policy} policy: {result.blocks} x {result.seq_len} tokens of "
+                        f"{result.data['source']} (part {result.data['part'][0]}:{result.data['part'][1]})",
+                  show_header=False)
+    table.add_row("perplexity dense", f"{result.ppl_dense:.3f}")
+    table.add_row("perplexity skipping", f"{result.ppl_skip:.3f} ({result.ppl_increase:+.1%})")
+    table.add_row("realised FFN skip ratio", f"{result.skip_ratio:.2%} (all layers, all positions)")
+    table.add_row("per layer", " ".join(f"{r:.0%}" for r in result.per_layer))
+    console.print(table)
+    if result.sweep is not None:
+        sweep = Table(title="sweep: perplexity at realised skip ratio")
+        sweep.add_column("target", justify="right")
+        for name in result.sweep["curves"]:
+            sweep.add_column(name, justify="right")
+        for i, target in enumerate(result.sweep["targets"]):
+            cells = [_sweep_cell(points[i]) for points in result.sweep["curves"].values()]
+            sweep.add_row(f"{target:.0%}", *cells)
+        console.print(sweep)
+    for path in result.paths:
+        console.print(f"[dim]wrote {path}[/]", soft_wrap=True)
+
+
+def _sweep_cell(point: dict[str, Any]) -> str:
+    if point.get("ppl") is None:
+        return "out of reach"
+    return f"{point['ppl']:.2f} @ {point['skip_ratio']:.1%}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,298 @@
+"""Quality of skipping: perplexity of the dense and the skipping model on the same tokens, and sweeps.
+
+The perplexity loop only needs a function from token ids to logits (:data:`LogitsFn`), so any backend
+(PyTorch here, onnxruntime elsewhere) plugs into :func:`token_nll`. Skipping itself always happens in
+the runtime, through a :class:`~skiptool.policies.SkipPolicy`; nothing here decides what to skip.
+
+A sweep compares policies at equal *realised* skip ratios (skipped FFN blocks over all layers and all
+positions, measured on the evaluation tokens). Each curve is a :data:`CurveFactory` — given the sweep's
+context and a target ratio it returns the policy to run (and optional FFN substitutes), or ``None`` when
+the target is out of its reach. Built-in curves: ``cosine`` (FFN-SkipLLM, thresholds refitted on the
+config's calibration data for each target), ``random`` (random tokens' FFNs in the skippable layers)
+and ``static`` (the FFNs of the most redundant layers — highest mean saturation on the calibration
+data). Other modules add curves with :func:`register_curve` or pass ``(name, factory)`` pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import ArchAdapter
+from .config import SkipConfig
+from .data import DataSpec, token_blocks
+from .errors import SkipToolError
+from .fileio import atomic_directory, write_json_atomic
+from .policies import RandomSkip, SkipPolicy, StaticMask
+from .runtime import SkipRuntime, SkipStats, apply_skip, runtime_from_config
+
+LogitsFn = Callable[[Tensor], Tensor]
+Progress = Callable[[str, int, int], Any]
+Candidate = Union[SkipPolicy, "tuple[SkipPolicy, dict[int, nn.Module] | None]", None]
+CurveFactory = Callable[["SweepContext", float], Candidate]
+DEFAULT_TARGETS = (0.05, 0.10, 0.15, 0.25, 0.40)
+DEFAULT_CURVES = ("cosine", "random", "static")
+EVAL_FILENAME, SWEEP_FILENAME, SWEEP_PLOT_FILENAME = "eval.json", "sweep.json", "sweep.png"
+
+
+# -- perplexity -----------------------------------------------------------------------------------
+@torch.no_grad()
+def token_nll(logits_fn: LogitsFn, blocks: Tensor, batch_size: int = 1,
+              progress: Callable[[int, int], Any] | None = None) -> Tensor:
+    """Negative log-likelihood of every next token, ``[n, seq - 1]`` float64, from any ids -> logits function."""
+    out = []
+    n = blocks.shape[0]
+    for start in range(0, n, batch_size):
+        ids = blocks[start:start + batch_size]
+        logits = logits_fn(ids)[:, :-1].float()
+        targets = ids[:, 1:].to(logits.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        out.append(-logp.double().cpu())
+        if progress is not None:
+            progress(min(start + batch_size, n), n)
+    return torch.cat(out)
+
+
+def perplexity(nll: Tensor) -> float:
+    return math.exp(float(nll.mean()))
+
+
+def torch_logits_fn(model: nn.Module) -> LogitsFn:
+    """Logits of a Hugging Face causal LM (wrapped by the skip runtime or not)."""
+    device = next(model.parameters()).device
+    return lambda ids: model(input_ids=ids.to(device)).logits
+
+
+def skip_nll(model: nn.Module, runtime: SkipRuntime, blocks: Tensor, batch_size: int = 1,
+             progress: Callable[[int, int], Any] | None = None) -> tuple[Tensor, SkipStats]:
+    """Token NLLs with `runtime` applied (it is removed afterwards) and its skip counters."""
+    try:
+        runtime.stats.reset()
+        nll = token_nll(torch_logits_fn(model), blocks, batch_size, progress)
+        return nll, runtime.stats
+    finally:
+        runtime.remove()
+
+
+# -- evaluation of one config ---------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Dense vs skipping perplexity on the same tokens and the realised skip ratio."""
+
+    ppl_dense: float
+    ppl_skip: float
+    skip_ratio: float
+    per_layer: list[float]
+    policy: str
+    blocks: int
+    seq_len: int
+    data: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, Any] | None = None
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def ppl_increase(self) -> float:
+        return self.ppl_skip / self.ppl_dense - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ppl_dense": self.ppl_dense, "ppl_skip": self.ppl_skip, "ppl_increase": self.ppl_increase,
+                "skip_ratio": self.skip_ratio, "per_layer_skip_ratio": self.per_layer, "policy": self.policy,
+                "blocks": self.blocks, "seq_len": self.seq_len, "tokens": self.blocks * (self.seq_len - 1),
+                "data": self.data, **({"sweep": self.sweep} if self.sweep is not None else {})}
+
+
+def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: SkipConfig, data: DataSpec,
+             samples: int = 16, seq_len: int = 512, batch_size: int = 1,
+             sweep_targets: Sequence[float] | None = None,
+             curves: Sequence[str | tuple[str, CurveFactory]] = DEFAULT_CURVES,
+             out_dir: str | Path | None = None, plot: Callable[[dict[str, Any], Path], Any] | None = None,
+             router_threshold: float | None = None, progress: Progress | None = None) -> EvalResult:
+    """Perplexity dense vs `config` on `data` (and, with `sweep_targets`, a sweep); optionally write `out_dir`."""
+    config.check_matches(model)
+    blocks = token_blocks(tokenizer, data, seq_len, samples)
+    if config.warmup >= blocks.shape[1]:
+        raise SkipToolError(f"warm-up ({config.warmup}) covers the whole sequence ({seq_len}): nothing can skip")
+    dense = token_nll(torch_logits_fn(model), blocks, batch_size, _phase(progress, "dense"))
+    runtime = runtime_from_config(model, adapter, config, router_threshold)
+    nll, stats = skip_nll(model, runtime, blocks, batch_size, _phase(progress, f"skip ({config.policy.kind})"))
+    result = EvalResult(perplexity(dense), perplexity(nll), stats.skip_ratio, stats.per_layer(), config.policy.kind,
+                        int(blocks.shape[0]), int(blocks.shape[1]),
+                        {"source": data.source, "part": list(data.part), "field": data.field, "split": data.split})
+    if sweep_targets:
+        ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress)
+        result.sweep = {**run_sweep(ctx, sweep_targets, curves), "data": result.data}
+    if out_dir is not None:
+        result.paths = write_eval(result, out_dir, plot)
+    return result
+
+
+def write_eval(result: EvalResult, out_dir: str | Path,
+               plot: Callable[[dict[str, Any], Path], Any] | None = None) -> list[Path]:
+    """``eval.json`` and, after a sweep, ``sweep.json`` (+ ``sweep.png`` with `plot`), all or nothing."""
+    out = Path(out_dir)
+    names = [EVAL_FILENAME]
+    with atomic_directory(out) as tmp:
+        write_json_atomic(tmp / EVAL_FILENAME, result.to_dict())
+        if result.sweep is not None:
+            write_json_atomic(tmp / SWEEP_FILENAME, result.sweep)
+            names.append(SWEEP_FILENAME)
+            if plot is not None:
+                plot(result.sweep, tmp / SWEEP_PLOT_FILENAME)
+                names.append(SWEEP_PLOT_FILENAME)
+    return [out / n for n in names]
+
+
+def _phase(progress: Progress | None, label: str) -> Callable[[int, int], Any] | None:
+    return None if progress is None else (lambda done, total: progress(label, done, total))
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+@dataclass
+class SweepContext:
+    """What a curve factory may use: the model, the config, the evaluation blocks and calibration data."""
+
+    model: nn.Module
+    adapter: ArchAdapter
+    tokenizer: Any
+    config: SkipConfig
+    eval_blocks: Tensor
+    dense_nll: Tensor
+    batch_size: int = 1
+    progress: Progress | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.model.num_layers
+
+    @property
+    def eval_seq_len(self) -> int:
+        return int(self.eval_blocks.shape[1])
+
+    def eligible_fraction(self, seq_len: int | None = None) -> float:
+        """Share of (layer, position) pairs that may skip: skippable layers x positions after warm-up."""
+        from .calibration.fit import eligible_fraction
+
+        return eligible_fraction(self.num_layers, len(self.config.skippable_layers),
+                                 seq_len or self.eval_seq_len, self.config.warmup)
+
+    @cached_property
+    def calibration_blocks(self) -> Tensor:
+        """The blocks the config was calibrated on (from its ``metadata.calibration_data``)."""
+        from .calibration.fit import data_spec_from_config
+
+        spec, samples, seq_len = data_spec_from_config(self.config)
+        return token_blocks(self.tokenizer, spec, seq_len, samples)
+
+    @cached_property
+    def calibration_stats(self) -> Any:
+        """Per-layer statistics (:class:`skiptool.calibration.collect.LayerStats`) on the calibration blocks."""
+        from .calibration.collect import collect_layer_stats
+
+        return collect_layer_stats(self.model, self.adapter, self.calibration_blocks, self.config.warmup,
+                                   progress=_phase(self.progress, "calibration statistics"))
+
+
+SWEEP_CURVES: dict[str, CurveFactory] = {}
+
+
+def register_curve(name: str) -> Callable[[CurveFactory], CurveFactory]:
+    """Decorator: make a curve factory available to sweeps by name."""
+
+    def decorate(factory: CurveFactory) -> CurveFactory:
+        SWEEP_CURVES[name] = factory
+        return factory
+
+    return decorate
+
+
+def run_sweep(ctx: SweepContext, targets: Sequence[float],
+              curves: Sequence[str | tuple[str, CurveFactory]] = DEFAULT_CURVES) -> dict[str, Any]:
+    """Perplexity vs realised skip ratio for each curve at each target (JSON-ready)."""
+    ppl_dense = perplexity(ctx.dense_nll)
+    out: dict[str, Any] = {"ppl_dense": ppl_dense, "targets": list(targets), "blocks": int(ctx.eval_blocks.shape[0]),
+                           "seq_len": ctx.eval_seq_len, "warmup": ctx.config.warmup,
+                           "cold_start": ctx.config.cold_start, "cold_end": ctx.config.cold_end, "curves": {}}
+    for name, factory in _resolve_curves(curves):
+        points = []
+        for target in targets:
+            candidate = factory(ctx, float(target))
+            if candidate is None:
+                points.append({"target": target, "skip_ratio": None, "ppl": None, "note": "out of reach"})
+                continue
+            policy, substitutes = candidate if isinstance(candidate, tuple) else (candidate, None)
+            runtime = apply_skip(ctx.model, ctx.adapter, policy, substitutes)
+            nll, stats = skip_nll(ctx.model, runtime, ctx.eval_blocks, ctx.batch_size,
+                                  _phase(ctx.progress, f"sweep {name} @ {target:.2f}"))
+            ppl = perplexity(nll)
+            points.append({"target": target, "skip_ratio": stats.skip_ratio, "ppl": ppl,
+                           "ppl_increase": ppl / ppl_dense - 1.0, "per_layer": stats.per_layer()})
+        out["curves"][name] = points
+    return out
+
+
+def _resolve_curves(curves: Sequence[str | tuple[str, CurveFactory]]) -> list[tuple[str, CurveFactory]]:
+    resolved = []
+    for curve in curves:
+        if isinstance(curve, tuple):
+            resolved.append(curve)
+        elif curve in SWEEP_CURVES:
+            resolved.append((curve, SWEEP_CURVES[curve]))
+        else:
+            raise SkipToolError(f"unknown sweep curve {curve!r} (known: {', '.join(sorted(SWEEP_CURVES))})")
+    return resolved
+
+
+def parse_targets(text: str) -> list[float]:
+    """``"0.05,0.1"`` -> ``[0.05, 0.1]``, each in (0, 1)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SkipToolError(f"targets must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise SkipToolError(f"targets must be skip ratios in (0, 1), got {text!r}")
+    return values
+
+
+@register_curve("cosine")
+def cosine_curve(ctx: SweepContext, target: float) -> Candidate:
+    """FFN-SkipLLM with thresholds refitted on the calibration data so the evaluation ratio is `target`."""
+    from .calibration.fit import fit_cosine
+    from .policies import CosineGreedy
+
+    blocks, stats, cfg = ctx.calibration_blocks, ctx.calibration_stats, ctx.config
+    # the same share of the eligible pairs on the calibration blocks (their length may differ)
+    calib_target = target * ctx.eligible_fraction(int(blocks.shape[1])) / ctx.eligible_fraction()
+    greedy_k = int(cfg.policy.params.get("greedy_k", 1)) if cfg.policy.kind == "cosine" else 1
+    try:
+        fit = fit_cosine(ctx.model, ctx.adapter, blocks, stats, calib_target, cfg.skippable_layers, greedy_k,
+                         cfg.metadata.get("threshold_mode", "per-layer"),
+                         progress=ctx.progress and (lambda label, d, n: ctx.progress(f"cosine @ {target:.2f}: {label}", d, n)))
+    except SkipToolError:
+        return None
+    return CosineGreedy(ctx.num_layers, cfg.skippable_layers, cfg.warmup, fit.thresholds, fit.greedy_k)
+
+
+@register_curve("random")
+def random_curve(ctx: SweepContext, target: float) -> Candidate:
+    """Each eligible token's FFN skipped independently at the rate that gives `target` overall."""
+    rate = target / ctx.eligible_fraction()
+    if rate > 1.0:
+        return None
+    return RandomSkip(ctx.num_layers, ctx.config.skippable_layers, ctx.config.warmup, rate, seed=0)
+
+
+@register_curve("static")
+def static_curve(ctx: SweepContext, target: float) -> Candidate:
+    """The FFNs of the n most redundant skippable layers (n giving the ratio nearest `target`)."""
+    skippable = ctx.config.skippable_layers
+    per_layer = ctx.eligible_fraction() / len(skippable)
+    n = min(len(skippable), max(1, round(target / per_layer)))
+    saturation = ctx.calibration_stats.mean_saturation()
+    ranked = sorted(skippable, key=lambda i: saturation[i], reverse=True)
+    return StaticMask(ctx.num_layers, skippable, ctx.config.warmup, sorted(ranked[:n]))
