@@ -3,8 +3,10 @@
     python benchmarks/run_bench.py                       # demo model, --spin off, 5 repeats, 128 new tokens
     python benchmarks/run_bench.py --spin on --out /tmp/bench-spin
 
-1. Exports the demo model twice with ``skiptool export --format onnx --target ort`` (fp32 and int4), using
-   ``--config`` (default: a dense config, so only the forced ratios skip); existing exports are reused.
+1. Exports the demo model twice for ONNX Runtime's speed flavour (``--target ort``: onnxruntime-genai's
+   graph with an ``If`` per skippable FFN), fp32 and int4, with ``--config`` (default: a dense config, so
+   only the forced ratios skip); ``--standard`` adds the standard-ops export with and without ``If``.
+   Existing exports are reused.
 2. Runs ``skiptool bench`` on both exports with forced ratios 0 (the ``If`` overhead), 25% and 50%,
    beside PyTorch eager and the peers (onnxruntime-genai fp32/int4, llama.cpp on the GGUF), interleaved.
 3. Writes ``OUT/bench-cpu.json``, ``OUT/bench-cpu.png`` and ``OUT/bench-cpu.md`` (the README's table).
@@ -24,12 +26,26 @@ from pathlib import Path
 DEMO = "smollm2-135m"
 
 
-def export(model: str, config: Path, quantize: str, out: Path) -> Path:
-    """``skiptool export --target ort`` once per precision (reused when the folder is complete)."""
+def export_ort_target(model: str, config: Path, quantize: str, out: Path) -> Path:
+    """``--target ort`` export (onnxruntime-genai's graph + an If per skippable FFN), reused when complete."""
     if (out / "model.onnx").is_file() and (out / "genai_config.json").is_file():
         return out
-    cmd = ["skiptool", "export", model, "--config", str(config), "--format", "onnx", "--target", "ort",
-           "--quantize", quantize, "-o", str(out)]
+    from skiptool.config import load_config
+    from skiptool.exporters.ort_target import export_ort
+    from skiptool.models import load_model
+
+    hf_dir = load_model(model).model.config._name_or_path
+    print(f"+ export --target ort --quantize {quantize} -> {out}", flush=True)
+    export_ort(hf_dir, load_config(config), out, quantize=quantize, progress=print)
+    return out
+
+
+def export_standard(model: str, config: Path, quantize: str, out: Path, dense: bool) -> Path:
+    """``skiptool export --format onnx`` (the standard-ops graph; ``--dense``: the same without any If)."""
+    if (out / "skiptool_export.json").is_file():
+        return out
+    cmd = ["skiptool", "export", model, "--format", "onnx", "--quantize", quantize, "-o", str(out)]
+    cmd += ["--dense"] if dense else ["--config", str(config)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -50,18 +66,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO)
     parser.add_argument("--config", type=Path, help="skip config to export (default: dense, forced ratios only)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report, plot and table")
+    parser.add_argument("--exports", type=Path, help="where the exports go (default: ~/.cache/skiptool/bench-exports)")
     parser.add_argument("--spin", choices=("on", "off"), default="off")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-ratio", default="0,0.25,0.5")
     parser.add_argument("--quality", action="store_true", help="add each run's perplexity on a small slice")
+    parser.add_argument("--standard", action="store_true",
+                        help="also bench the standard-ops export (fp32, with and without If) in plain ONNX Runtime")
     args = parser.parse_args()
 
+    from skiptool.models import cache_root
+
     args.out.mkdir(parents=True, exist_ok=True)
-    config = args.config or dense_config(args.model, args.out)
-    exports = [export(args.model, config, q, args.out / f"onnx-{q}") for q in ("none", "int4")]
+    work = args.exports or cache_root() / "bench-exports"
+    config = args.config or dense_config(args.model, work)
+    exports = [export_ort_target(args.model, config, q, work / f"ort-{q}") for q in ("none", "int4")]
+    if args.standard:
+        exports += [export_standard(args.model, config, "none", work / "onnx-fp32", dense=False),
+                    export_standard(args.model, config, "none", work / "onnx-fp32-dense", dense=True)]
     report = args.out / "bench-cpu.json"
     cmd = ["skiptool", "bench", args.model, "--config", str(config), "--skip-ratio", args.skip_ratio,
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--spin", args.spin,
