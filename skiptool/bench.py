@@ -291,25 +291,28 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
-def backend_nll(backend: DecodeBackend, blocks: Sequence[Sequence[int]]) -> tuple[float, int]:
-    """Summed negative log-likelihood of each block's tokens after the first, fed one token at a time."""
-    total, count = 0.0, 0
-    for block in blocks:
-        backend.reset()
-        logits = backend.prefill(block[:1])
-        for position, target in enumerate(block[1:], start=1):
-            z = logits.astype(np.float64)
-            total += float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[int(target)])
-            count += 1
-            if position < len(block) - 1:
-                logits = backend.step(int(target))
-    return total, count
+def backend_logits_fn(backend: DecodeBackend) -> Callable[[Any], Any]:
+    """``ids [n, seq] -> logits [n, seq, vocab]`` through the decode protocol (KV cache, one token per step:
+    the decode regime), for :func:`skiptool.evaluate.token_nll`."""
+    import torch
+
+    def logits(ids: Any) -> Any:
+        rows = []
+        for row in ids.tolist():
+            backend.reset()
+            rows.append(np.stack([backend.prefill(row[:1])] + [backend.step(int(t)) for t in row[1:]]))
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+    return logits
 
 
 def backend_perplexity(backend: DecodeBackend, blocks: Sequence[Sequence[int]]) -> float:
-    """Perplexity through the decode protocol (KV cache, one token per step: the decode regime)."""
-    total, count = backend_nll(backend, blocks)
-    return math.exp(total / count) if count else math.nan
+    """Perplexity of `blocks` through any backend (the evaluation's own NLL and perplexity)."""
+    import torch
+
+    from .evaluate import perplexity, token_nll
+
+    return perplexity(token_nll(backend_logits_fn(backend), torch.as_tensor(blocks, dtype=torch.long)))
 
 
 @dataclass
