@@ -270,6 +270,7 @@ class RunResult:
     per_layer_skip: list[float] | None = None
     rss_load_mib: float | None = None
     rss_after_mib: float | None = None
+    cpu_ms_per_token: list[float] = field(default_factory=list)
     perplexity: float | None = None
     error: str | None = None
     ideal_basis: IdealBasis | None = None
@@ -344,9 +345,12 @@ def _build(spec: RunSpec) -> tuple[DecodeBackend | None, RunResult]:
 
 def _decode_once(backend: DecodeBackend, result: RunResult, m: Measurement, keep: bool) -> None:
     for prompt in m.prompts:
+        cpu = time.process_time()
         timing = greedy_decode(backend, prompt, m.new_tokens)
+        cpu = time.process_time() - cpu
         if not keep:
             continue
+        result.cpu_ms_per_token.append(1000.0 * cpu / max(len(timing.token_ids), 1))
         result.tokens_per_s.append(timing.tokens_per_s)
         result.step_s.extend(timing.step_s)
         result.prefill_s.append(timing.prefill_s)
@@ -424,9 +428,13 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         if row["mode"] != "skip" or base is None or not row["tokens_per_s"]:
             continue
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if row["cpu_ms_per_token"] and base["cpu_ms_per_token"]:
+            row["cpu_speedup"] = base["cpu_ms_per_token"] / row["cpu_ms_per_token"]
         if result.ideal_basis is not None and row["skip_ratio"] is not None and not math.isnan(row["skip_ratio"]):
             row["ideal_speedup"] = result.ideal_basis.speedup(row["skip_ratio"])
             row["fraction_of_ideal"] = fraction_of_ideal(row["speedup"], row["ideal_speedup"])
+            if row["cpu_speedup"] is not None:
+                row["cpu_fraction_of_ideal"] = fraction_of_ideal(row["cpu_speedup"], row["ideal_speedup"])
             row["ideal_tokens_per_s"] = base["tokens_per_s"] * row["ideal_speedup"]
     return rows
 
@@ -449,12 +457,20 @@ def _row(r: RunResult) -> dict[str, Any]:
         "per_layer_skip": r.per_layer_skip,
         "ffn_calls": r.ffn_calls, "ffn_calls_avoided": r.ffn_calls_avoided,
         "speedup": None, "ideal_speedup": None, "fraction_of_ideal": None, "ideal_tokens_per_s": None,
+        # process CPU time per generated token (prefill included): less sensitive to other processes than
+        # wall time when nothing spins (ORT with --spin off, one thread); with spinning it counts the spin
+        "cpu_ms_per_token": _nan_none(median_min_max(r.cpu_ms_per_token)[0]),
+        "cpu_speedup": None, "cpu_fraction_of_ideal": None,
         "memory": {"rss_load_mib": r.rss_load_mib, "rss_after_mib": r.rss_after_mib},
         "perplexity": r.perplexity,
         "ideal_basis": r.ideal_basis.to_dict() if r.ideal_basis is not None else None,
         "settings": dict(s.settings),
     }
     return row
+
+
+def _nan_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _ms(seconds: float) -> float | None:
