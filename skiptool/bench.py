@@ -365,7 +365,7 @@ def _add_counters(backend: DecodeBackend, result: RunResult) -> None:
         c = counters()
         result.ffn_calls = (result.ffn_calls or 0) + c["ffn_calls"]
         result.ffn_calls_avoided = (result.ffn_calls_avoided or 0) + c["ffn_calls_avoided"]
-    per_layer = getattr(backend, "per_layer_skip", None)
+    per_layer = getattr(backend, "per_layer_skip", None) or getattr(backend, "per_layer_skip_ratio", None)
     if per_layer is not None:
         result.per_layer_skip = per_layer()
 
@@ -519,7 +519,8 @@ def torch_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[f
 
 @dataclass
 class ExportPlan:
-    """An export folder to benchmark: its graph, precision, weight bytes, mode and skip config.
+    """An export folder to benchmark: its graph, precision, weight bytes, mode and skip config (the one the
+    export wrote beside its graph; else the one given to bench).
 
     Two kinds of folders: ``skiptool export --format onnx`` writes ``skiptool_export.json`` and runs in
     skiptool's ONNX Runtime backend (its dense counterpart is a ``--dense`` export of the same precision,
@@ -545,7 +546,7 @@ class ExportPlan:
         graph_bytes = onnx_graph_bytes(graph)
         precision = (info or {}).get("precision") or onnx_precision(graph)
         mode = (info or {}).get("mode") or ("skip" if graph_bytes.num_ifs else "dense")
-        return cls(directory, precision, mode, graph_bytes, config or _config_beside([directory]), info)
+        return cls(directory, precision, mode, graph_bytes, _config_beside([directory]) or config, info)
 
     @property
     def runner(self) -> str | None:
@@ -595,6 +596,10 @@ class MaskedView:
 
     def skip_ratio(self) -> float | None:
         return self.backend.skip_ratio()
+
+    def per_layer_skip(self) -> list[float] | None:
+        per_layer = getattr(self.backend, "per_layer_skip_ratio", None)
+        return per_layer() if per_layer is not None else None
 
 
 def shared(factory: Callable[[], Any]) -> Callable[[], Any]:
