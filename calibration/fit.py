@@ -90,31 +90,38 @@ def thresholds_for(saturation: Tensor, skippable: list[int], p: float, mode: str
     return out
 
 
-def replay_ratio(policy: CosineGreedy, saturation: Tensor, seq_len: int) -> float:
-    """The skip ratio `policy` would give if the dense similarities `saturation` ``[layers, tokens]`` held.
+def replay_decisions(policy: CosineGreedy, saturation: Tensor, positions: Tensor | None = None) -> Tensor:
+    """The decisions ``[layers, tokens]`` `policy` makes if the similarities `saturation` ``[layers, tokens]`` hold.
 
-    Each recorded cosine c becomes a 2-d residual stream h = (1, 0) and FFN delta (c - 1, sqrt(1 - c^2)),
-    whose cos(h, h + delta) is c, and the policy's own ``decide``/``update`` run layer by layer; tokens
-    are those after warm-up, and the ratio counts all layers and positions of the calibration blocks.
+    Each cosine c becomes a 2-d residual stream h = (1, 0) and FFN delta (c - 1, sqrt(1 - c^2)), whose
+    cos(h, h + delta) is c, and the policy's own ``decide``/``update`` run layer by layer (a skipped
+    layer's value is never read). `positions` ``[tokens]`` defaults to all past warm-up.
     """
     num_layers, tokens = saturation.shape
     c = saturation.double().clamp(-1.0, 1.0)
     h = torch.zeros(1, tokens, 2, dtype=torch.float64)
     h[..., 0] = 1.0
-    positions = torch.full((1, tokens), policy.warmup)
+    pos = torch.full((1, tokens), policy.warmup) if positions is None else positions.view(1, tokens)
     state = policy.init_state(h)
-    skipped = 0
+    out = torch.zeros(num_layers, tokens, dtype=torch.bool)
     for layer in range(num_layers):
         delta = torch.stack([c[layer] - 1.0, (1.0 - c[layer] ** 2).sqrt()], dim=-1).unsqueeze(0)
+        skip = torch.zeros(1, tokens, dtype=torch.bool)
         if policy.is_skippable(layer):
-            signals = LayerSignals(layer, h, torch.zeros_like(h), h, h)
-            skip = policy.decide(signals, positions, state, None)
-        else:
-            skip = torch.zeros(1, tokens, dtype=torch.bool)
-        skipped += int(skip.sum())
+            skip = policy.decide(LayerSignals(layer, h, torch.zeros_like(h), h, h), pos, state, None)
+        out[layer] = skip[0]
         state = policy.update(layer, h, delta, skip, state)
+    return out
+
+
+def replay_ratio(policy: CosineGreedy, saturation: Tensor, seq_len: int) -> float:
+    """The skip ratio `policy` would give on blocks of `seq_len` if the recorded dense similarities held.
+
+    `saturation` holds the tokens after warm-up; the ratio counts all layers and all positions.
+    """
+    num_layers, tokens = saturation.shape
     blocks = tokens / max(seq_len - policy.warmup, 1)
-    return skipped / (num_layers * blocks * seq_len)
+    return int(replay_decisions(policy, saturation).sum()) / (num_layers * blocks * seq_len)
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def plot_layer_stats(stats: dict[str, Any], path: str | Path) -> Path:
     diff.set_xlabel("layer")
     for ax in axes:
         _shade_cold(ax, stats, len(layers))
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="best", fontsize=7)
         ax.grid(alpha=0.3)
     target = stats.get("target_skip")
     fig.suptitle(f"Layer statistics ({stats.get('num_blocks')} x {stats.get('seq_len')} tokens, warm-up "

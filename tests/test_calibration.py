@@ -11,7 +11,7 @@ import torch
 from skiptool.adapters import adapter_for
 from skiptool.calibration.collect import collect_layer_stats, roc_auc
 from skiptool.calibration.fit import (CalibrationSettings, calibrate, choose_cold_regions, fit_cosine, measure_ratio,
-                                      replay_ratio, thresholds_for)
+                                      replay_decisions, replay_ratio, thresholds_for)
 from skiptool.config import load_config
 from skiptool.data import DataSpec
 from skiptool.errors import SkipToolError
@@ -77,22 +77,8 @@ def test_roc_auc_counts_ties_as_half():
 
 # -- the greedy-k rule ----------------------------------------------------------------------------
 def _greedy_decisions(policy: CosineGreedy, cosines: list[list[float]], positions: list[int]) -> list[list[bool]]:
-    """Drive the policy's own decide/update over hand-made similarities: cosines[layer][token]."""
-    c = torch.tensor(cosines, dtype=torch.float64)
-    tokens = c.shape[1]
-    h = torch.zeros(1, tokens, 2, dtype=torch.float64)
-    h[..., 0] = 1.0
-    pos = torch.tensor([positions])
-    state, out = policy.init_state(h), []
-    for layer in range(c.shape[0]):
-        delta = torch.stack([c[layer] - 1, (1 - c[layer] ** 2).sqrt()], -1).unsqueeze(0)  # cos(h, h + delta) = c
-        if policy.is_skippable(layer):
-            skip = policy.decide(LayerSignals(layer, h, torch.zeros_like(h), h, h), pos, state, None)
-        else:
-            skip = torch.zeros(1, tokens, dtype=torch.bool)
-        out.append(skip[0].tolist())
-        state = policy.update(layer, h, delta, skip, state)
-    return out
+    """The policy's own decide/update over hand-made similarities: cosines[layer][token] -> decisions."""
+    return replay_decisions(policy, torch.tensor(cosines), torch.tensor(positions)).T.tolist()
 
 
 def test_greedy_k_skips_the_next_k_ffns_after_a_saturated_one_then_evaluates_again():
@@ -109,15 +95,33 @@ def test_greedy_k_skips_the_next_k_ffns_after_a_saturated_one_then_evaluates_aga
            [0.99, 0.2, 0.99],
            [0.99, 0.2, 0.99]]
     decisions = _greedy_decisions(policy, cos, positions=[10, 11, 2])
-    assert [d[0] for d in decisions] == [False, False, True, True, False, False, True, False]
-    assert [d[1] for d in decisions] == [False] * LAYERS
-    assert [d[2] for d in decisions] == [False] * LAYERS
+    assert decisions[0] == [False, False, True, True, False, False, True, False]
+    assert decisions[1] == [False] * LAYERS
+    assert decisions[2] == [False] * LAYERS
+
+
+def test_cosine_greedy_state_counts_down_the_layers_left_to_skip():
+    """decide/update called by hand: a saturated FFN arms k skips; each skipped layer uses one up."""
+    policy = CosineGreedy(4, [1, 2, 3], warmup=2, thresholds=[0.9, 0.9, 0.9, None], greedy_k=2)
+    h = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # two tokens: position 5 (eligible) and 0 (warm-up)
+    saturated, not_saturated = torch.tensor([[[-0.01, 0.1], [-0.01, 0.1]]]), torch.tensor([[[-1.0, 1.0]] * 2])
+    pos, no = torch.tensor([[5, 0]]), torch.zeros(1, 2, dtype=torch.bool)
+    signals = LayerSignals(1, h, torch.zeros_like(h), h, h)
+    state = policy.update(0, h, saturated, no, policy.init_state(h))
+    assert state.tolist() == [[2, 2]]
+    skip = policy.decide(signals, pos, state, None)
+    assert skip.tolist() == [[True, False]]  # the warm-up position never skips
+    state = policy.update(1, h, saturated, skip, state)
+    assert state.tolist() == [[1, 2]]  # skipped: one fewer left; computed and saturated: armed again
+    state = policy.update(2, h, not_saturated, torch.tensor([[True, False]]), state)
+    assert state.tolist() == [[0, 0]]
+    assert policy.decide(signals, pos, state, torch.tensor([0, 1, 0, 0])).tolist() == [[True, False]]  # override
 
 
 def test_greedy_k_one_alternates_when_every_ffn_is_saturated():
     policy = CosineGreedy(LAYERS, list(range(1, 7)), warmup=0, thresholds=[None] + [0.5] * 6 + [None], greedy_k=1)
     decisions = _greedy_decisions(policy, [[0.9]] * LAYERS, positions=[0])
-    assert [d[0] for d in decisions] == [False, False, True, False, True, False, True, False]
+    assert decisions[0] == [False, False, True, False, True, False, True, False]
 
 
 # -- cold regions and thresholds ------------------------------------------------------------------
