@@ -296,3 +296,11 @@ def static_curve(ctx: SweepContext, target: float) -> Candidate:
     saturation = ctx.calibration_stats.mean_saturation()
     ranked = sorted(skippable, key=lambda i: saturation[i], reverse=True)
     return StaticMask(ctx.num_layers, skippable, ctx.config.warmup, sorted(ranked[:n]))
+
+
+@register_curve("router")
+def router_curve(ctx: SweepContext, target: float) -> Candidate:
+    """DiffSkip routers of a router config, the threshold refitted on the calibration data for `target`."""
+    from .calibration.router_train import router_sweep_candidate
+
+    return router_sweep_candidate(ctx, target)

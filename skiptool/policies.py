@@ -164,11 +164,15 @@ class Routers(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    @staticmethod
+    def features(attn_delta: Tensor) -> Tensor:
+        """A router's input: the attention delta, RMS-normalised per token (float32)."""
+        a = attn_delta.float()
+        return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
+
     def logit(self, layer: int, attn_delta: Tensor) -> Tensor:
         """Skip logit per token, ``[batch, seq]``."""
-        a = attn_delta.float()
-        a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.linears[str(layer)](a).squeeze(-1)
+        return self.linears[str(layer)](self.features(attn_delta)).squeeze(-1)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -212,8 +216,19 @@ class Routers(nn.Module):
         return routers
 
 
+ESTIMATORS = ("ste", "gumbel")
+
+
 class RouterPolicy(SkipPolicy):
-    """DiffSkip: skip the FFN when the router's probability exceeds `threshold`."""
+    """DiffSkip: skip the FFN when the router's probability exceeds `threshold`.
+
+    Inference is the hard rule ``logit > logit(threshold)`` (what the exported graph computes).
+    :meth:`train_decisions` switches the rule to training decisions: still exactly 0 or 1 in the
+    forward pass (training sees the skipping inference will do) but float, with the gradient of
+    ``sigmoid((logit - logit(threshold) [+ logistic noise]) / temperature)`` (straight-through;
+    ``"gumbel"`` adds the noise, so the hard decisions are Bernoulli samples). The straight-through
+    decisions of the latest forward pass are kept in :attr:`soft_decisions` for a skip-rate penalty.
+    """
 
     kind = "router"
 
@@ -222,13 +237,36 @@ class RouterPolicy(SkipPolicy):
         super().__init__(num_layers, skippable_layers, warmup)
         self.routers = routers
         self.threshold = float(threshold)
+        self.estimator: str | None = None
+        self.temperature = 1.0
+        self.soft_decisions: dict[int, Tensor] = {}
 
     @property
     def logit_threshold(self) -> float:
         return math.log(self.threshold / (1.0 - self.threshold))
 
+    def train_decisions(self, estimator: str | None, temperature: float = 1.0) -> None:
+        """Use straight-through (``"ste"``/``"gumbel"``) training decisions, or hard ones again (``None``)."""
+        if estimator is not None and estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r} (expected one of {', '.join(ESTIMATORS)})")
+        self.estimator, self.temperature = estimator, float(temperature)
+        self.soft_decisions = {}
+
+    def init_state(self, h: Tensor) -> Tensor | None:
+        self.soft_decisions = {}
+        return None
+
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        return self.routers.logit(s.layer, s.attn_delta) > self.logit_threshold
+        if self.estimator is None:
+            return self.routers.logit(s.layer, s.attn_delta) > self.logit_threshold
+        z = self.routers.logit(s.layer, s.attn_delta) - self.logit_threshold
+        if self.estimator == "gumbel":
+            u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
+            z = z + torch.log(u) - torch.log1p(-u)
+        soft = torch.sigmoid(z / self.temperature)
+        decision = (z > 0).to(soft.dtype) + soft - soft.detach()
+        self.soft_decisions[s.layer] = decision
+        return decision
 
 
 def build_policy(config: SkipConfig, threshold: float | None = None) -> SkipPolicy:

@@ -1,0 +1,441 @@
+"""DiffSkip routers trained with the LLM frozen: one tiny ``Linear(hidden, 1)`` per skippable layer.
+
+A router reads its layer's RMS-normalised attention delta and decides, after attention and before
+the FFN, whether that layer's FFN runs for the token. Training:
+
+1. **Initial fit (closed form).** On dense forward passes, a ridge regression per layer predicts the
+   log of the FFN's relative contribution ``||FFN(x)|| / ||h||`` from the router's input; the router
+   starts by skipping the tokens with the smallest predicted contribution, at the target rate.
+2. **Distillation.** The routers learn, through straight-through hard decisions (the forward pass
+   skips exactly as inference will), to keep the skipping model's next-token distribution close to
+   the dense model's (KL(dense || skipping)), with a strong penalty on the gap between the skip rate
+   and the target.
+3. **Threshold refit.** On held-out calibration blocks, the probability threshold is refitted so the
+   *realised* ratio (skipped / (layers x tokens), cold layers and warm-up included, as
+   :class:`skiptool.runtime.SkipStats` counts it) matches the target.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import ArchAdapter
+from ..config import CONFIG_FILENAME, ArtifactRef, PolicySpec, SkipConfig
+from ..data import DataSpec
+from ..errors import ConfigError
+from ..fileio import atomic_path, ensure_writable_dir
+from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
+                        build_policy)
+from ..runtime import SkipRuntime, load_standins, skipping
+from .fit import eligible_fraction
+
+ROUTER_FILENAME = "router.safetensors"
+StepCallback = Callable[[int, dict[str, float]], None]
+Substitutes = dict[int, nn.Module] | None
+__all__ = ["ESTIMATORS", "RouterTrainSettings", "RouterTrainResult", "run_train_router", "train_router"]
+
+
+@dataclass(frozen=True)
+class RouterTrainSettings:
+    """Hyper-parameters of :func:`train_router` (defaults: the demo model on a CPU in minutes)."""
+
+    target_skip: float = 0.25
+    steps: int = 40
+    lr: float = 2e-3
+    seq_len: int = 512
+    batch_size: int = 1
+    penalty: float = 100.0
+    estimator: str = "ste"
+    temperature: float = 1.0
+    init_blocks: int = 4
+    heldout_blocks: int = 4
+    threshold: float | None = None  # None: refit on held-out blocks to the target ratio
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class HeldOut:
+    """A router threshold measured on held-out blocks."""
+
+    threshold: float
+    skip_ratio: float
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+@dataclass
+class RouterTrainResult:
+    """What :func:`train_router` wrote and measured."""
+
+    config: SkipConfig
+    config_path: Path
+    router_path: Path
+    heldout: HeldOut
+    dense_nll: float
+    cost: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def dense_perplexity(self) -> float:
+        return math.exp(self.dense_nll)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": str(self.config_path), "router": str(self.router_path),
+                "threshold": self.heldout.threshold, "heldout_skip_ratio": self.heldout.skip_ratio,
+                "heldout_perplexity": self.heldout.perplexity, "dense_heldout_perplexity": self.dense_perplexity,
+                "perplexity_ratio": self.heldout.perplexity / self.dense_perplexity, "cost": self.cost,
+                "seconds": self.seconds, "final": self.history[-1] if self.history else {}}
+
+
+# -- the rate arithmetic -------------------------------------------------------------------------
+def skippable_fraction(config: SkipConfig, seq_len: int) -> float:
+    """Share of all (layer, position) pairs of a ``seq_len`` block that a policy may skip."""
+    return eligible_fraction(config.model.num_layers, len(config.skippable_layers), seq_len, config.warmup)
+
+
+def inner_rate(config: SkipConfig, target_skip: float, seq_len: int) -> float:
+    """The skip rate over skippable layers and post-warm-up positions that realises `target_skip` overall."""
+    room = skippable_fraction(config, seq_len)
+    if room <= 0 or target_skip >= room:
+        raise ConfigError(f"target skip {target_skip:.0%} is out of reach: with cold layers {config.cold_start}/"
+                          f"{config.cold_end} and warm-up {config.warmup} at {seq_len} tokens, at most "
+                          f"{room:.0%} of FFN blocks can be skipped")
+    return target_skip / room
+
+
+def router_cost(routers: Routers, model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
+    """Router parameters and FLOPs per token and layer, beside the FFN's."""
+    layer = adapter.decoder_layers(model)[routers.layers[0]]
+    ffn_params = sum(p.numel() for p in adapter.mlp_of(layer).parameters())
+    h = routers.hidden_size
+    router_params = h + 1
+    router_flops = 4 * h + 2 * h + 1  # RMS normalisation (square, mean, scale) + dot product + bias
+    ffn_flops = 2 * ffn_params
+    return {"router_params_per_layer": router_params, "router_params_total": routers.parameter_count(),
+            "ffn_params_per_layer": ffn_params, "param_share": router_params / ffn_params,
+            "router_flops_per_token": router_flops, "ffn_flops_per_token": ffn_flops,
+            "flop_share": router_flops / ffn_flops}
+
+
+# -- 1. the closed-form initial fit --------------------------------------------------------------
+class _ContributionProbe(SkipPolicy):
+    """A dense policy that records, per skippable layer and post-warm-up token, the router's input and
+    the log of the FFN's relative contribution ``||FFN(x)|| / ||h||``."""
+
+    def __init__(self, config: SkipConfig) -> None:
+        super().__init__(config.model.num_layers, config.skippable_layers, config.warmup)
+        self.features: dict[int, list[Tensor]] = {i: [] for i in self.skippable_layers}
+        self.targets: dict[int, list[Tensor]] = {i: [] for i in self.skippable_layers}
+
+    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        a = Routers.features(s.attn_delta)[:, self.warmup:]
+        self.features[s.layer].append(a.reshape(-1, a.shape[-1]).cpu())
+        return super().rule(s, state)
+
+    def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> None:
+        if layer in self.features:
+            rel = delta.float().norm(dim=-1) / h_mid.float().norm(dim=-1).clamp_min(1e-6)
+            self.targets[layer].append(rel[:, self.warmup:].clamp_min(1e-8).log().reshape(-1).cpu())
+        return None
+
+
+def fit_initial_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor,
+                        rate: float, batch_size: int = 1, sharpness: float = 2.0, ridge: float = 1e-2) -> Routers:
+    """Routers that skip, in each layer at `rate`, the tokens whose FFN contribution is predicted smallest.
+
+    Per layer, a ridge regression predicts the log of the FFN's relative contribution from the router's
+    input (DiffSkip: the attention delta predicts the FFN delta); logits are scaled to `sharpness`
+    per standard deviation of the prediction and cut at its `rate` quantile.
+    """
+    probe = _ContributionProbe(config)
+    with skipping(model, adapter, probe), torch.no_grad():
+        for batch in blocks.split(batch_size):
+            model(batch.to(_device(model)))
+    routers = Routers(config.model.hidden_size, config.skippable_layers)
+    for i in config.skippable_layers:
+        x = torch.cat(probe.features[i]).double()
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        xtx = x.T @ x
+        reg = ridge * xtx.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype)
+        reg[-1, -1] = 0  # no penalty on the intercept
+        w = torch.linalg.solve(xtx + reg, x.T @ torch.cat(probe.targets[i]).double()).float()
+        pred = x.float() @ w
+        scale = sharpness / pred.std().clamp_min(1e-6).item()
+        lin = routers.linears[str(i)]
+        lin.weight.data = (-scale * w[:-1]).view(1, -1)  # a small predicted contribution -> a high skip logit
+        lin.bias.data = torch.tensor([-scale * (w[-1].item() - _quantile(pred, rate))])
+    return routers
+
+
+# -- 2. distillation -----------------------------------------------------------------------------
+def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
+                  settings: RouterTrainSettings, on_step: StepCallback | None = None,
+                  substitutes: Substitutes = None) -> list[dict[str, float]]:
+    """Train `routers` in place (the LLM stays frozen); returns the per-step history."""
+    seq_len, warmup = blocks.shape[1], config.warmup
+    target = inner_rate(config, settings.target_skip, seq_len)
+    room = skippable_fraction(config, seq_len)
+    policy = RouterPolicy(config.model.num_layers, config.skippable_layers, warmup, routers, threshold=0.5)
+    policy.train_decisions(settings.estimator, settings.temperature)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = list(routers.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    history: list[dict[str, float]] = []
+    try:
+        with skipping(model, adapter, policy, substitutes) as rt:
+            rt.controller.counting = False
+            for step in range(settings.steps):
+                rows = torch.randint(0, blocks.shape[0], (settings.batch_size,), generator=generator)
+                ids = blocks[rows].to(_device(model))
+                kl, rate = _distillation_step(rt, policy, ids, warmup)
+                loss = kl + settings.penalty * (rate - target) ** 2
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "skip_ratio": rate.item() * room}
+                history.append(record)
+                if on_step is not None:
+                    on_step(step + 1, record)
+    finally:
+        policy.train_decisions(None)
+        for p in params:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+    return history
+
+
+def _distillation_step(rt: SkipRuntime, policy: RouterPolicy, ids: Tensor, warmup: int) -> tuple[Tensor, Tensor]:
+    """KL(dense || skipping) over post-warm-up positions, and the straight-through skip rate."""
+    keep = ids.shape[1] - warmup  # warm-up positions never skip, so their distributions are the dense ones
+    with torch.no_grad(), _dense(rt):
+        teacher = F.log_softmax(rt.model(ids, logits_to_keep=keep).logits.float(), dim=-1)
+    student = F.log_softmax(rt.model(ids, logits_to_keep=keep).logits.float(), dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    rate = torch.stack([d[:, warmup:].mean() for d in policy.soft_decisions.values()]).mean()
+    return kl, rate
+
+
+@contextmanager
+def _dense(rt: SkipRuntime) -> Iterator[None]:
+    """Every FFN runs (the teacher pass)."""
+    previous = rt.controller.override
+    rt.set_override([FORCE_COMPUTE] * rt.policy.num_layers)
+    try:
+        yield
+    finally:
+        rt.set_override(previous)
+
+
+# -- 3. threshold refit --------------------------------------------------------------------------
+def measure(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy, blocks: Tensor, batch_size: int = 2,
+            routers: Routers | None = None, substitutes: Substitutes = None) -> tuple[float, float, list[Tensor]]:
+    """Realised skip ratio, mean next-token NLL and (if `routers`) the post-warm-up router logits."""
+    nll_sum, count = 0.0, 0
+    with _logit_capture(routers) as logits, skipping(model, adapter, policy, substitutes) as rt, torch.no_grad():
+        for batch in blocks.split(batch_size):
+            batch = batch.to(_device(model))
+            out = model(batch).logits[:, :-1].float()
+            nll_sum += F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1),
+                                       reduction="sum").item()
+            count += batch[:, 1:].numel()
+        ratio = rt.stats.skip_ratio
+    warm = policy.warmup
+    return ratio, nll_sum / count, [x[:, warm:].reshape(-1) for x in logits]
+
+
+def refit_threshold(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
+                    target_skip: float, iterations: int = 4, batch_size: int = 2,
+                    substitutes: Substitutes = None, start: float = 0.5) -> HeldOut:
+    """The probability threshold whose realised skip ratio on `blocks` is closest to `target_skip`.
+
+    Skipping changes later layers' inputs, so the quantile of the router logits is iterated to a
+    fixed point; every candidate is measured and the closest one is returned.
+    """
+    target = inner_rate(config, target_skip, blocks.shape[1])
+    logit_thr, tried = math.log(start / (1 - start)), []
+    for _ in range(iterations):
+        threshold = _probability(logit_thr)
+        policy = _router_policy(config, routers, threshold)
+        ratio, nll, logits = measure(model, adapter, policy, blocks, batch_size, routers, substitutes)
+        tried.append(HeldOut(threshold, ratio, nll))
+        if abs(ratio - target_skip) < 0.002:
+            break
+        logit_thr = _quantile(torch.cat(logits), 1 - target)
+    return min(tried, key=lambda h: abs(h.skip_ratio - target_skip))
+
+
+def _quantile(values: Tensor, q: float) -> float:
+    """The `q`-quantile of a 1-D tensor of any length (``torch.quantile`` refuses large inputs)."""
+    ordered = values.float().sort().values
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)].item()
+
+
+def _probability(logit: float) -> float:
+    return min(max(1 / (1 + math.exp(-logit)), 1e-6), 1 - 1e-6)
+
+
+def _router_policy(config: SkipConfig, routers: Routers, threshold: float) -> RouterPolicy:
+    return RouterPolicy(config.model.num_layers, config.skippable_layers, config.warmup, routers, threshold)
+
+
+@contextmanager
+def _logit_capture(routers: Routers | None) -> Iterator[list[Tensor]]:
+    """Collect every router logit ``[batch, seq]`` computed inside the block (hooks always removed)."""
+    captured: list[Tensor] = []
+    if routers is None:
+        yield captured
+        return
+    handles = [lin.register_forward_hook(lambda m, i, o: captured.append(o.detach().squeeze(-1).float().cpu()))
+               for lin in routers.linears.values()]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- the pipeline step ---------------------------------------------------------------------------
+def split_blocks(blocks: Tensor, settings: RouterTrainSettings) -> tuple[Tensor, Tensor]:
+    """Training blocks and held-out blocks (the last ones) for the threshold refit."""
+    held = min(settings.heldout_blocks, blocks.shape[0] // 4)
+    if blocks.shape[0] - held < 1 or held < 1:
+        raise ConfigError(f"need at least 4 blocks of {blocks.shape[1]} tokens to train routers and hold some out "
+                          f"(got {blocks.shape[0]}); give more data or a shorter --seq-len")
+    return blocks[:-held], blocks[-held:]
+
+
+def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor, out_dir: str | Path,
+                 settings: RouterTrainSettings = RouterTrainSettings(), on_step: StepCallback | None = None,
+                 data: DataSpec | None = None) -> RouterTrainResult:
+    """Fit, train and threshold the routers for `config`'s cold regions and warm-up; write them to `out_dir`.
+
+    Writes ``router.safetensors`` then ``skip_config.json`` (policy ``router``), each atomically.
+    """
+    start = time.perf_counter()
+    config.check_matches(model)
+    out_dir = ensure_writable_dir(out_dir)
+    torch.manual_seed(settings.seed)
+    substitutes = load_standins(config).by_layer() if config.standin is not None else None
+    train_blocks, heldout_blocks = split_blocks(blocks, settings)
+    rate = inner_rate(config, settings.target_skip, blocks.shape[1])
+    routers = fit_initial_routers(model, adapter, config, train_blocks[: settings.init_blocks], rate)
+    routers.to(_device(model))
+    history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step, substitutes)
+    dense = NeverSkip(config.model.num_layers, config.skippable_layers, config.warmup)
+    _, dense_nll, _ = measure(model, adapter, dense, heldout_blocks, settings.batch_size)
+    if settings.threshold is None:
+        heldout = refit_threshold(model, adapter, config, routers, heldout_blocks, settings.target_skip,
+                                  batch_size=settings.batch_size, substitutes=substitutes)
+    else:
+        policy = _router_policy(config, routers, settings.threshold)
+        ratio, nll, _ = measure(model, adapter, policy, heldout_blocks, settings.batch_size, None, substitutes)
+        heldout = HeldOut(settings.threshold, ratio, nll)
+    cost = router_cost(routers, model, adapter)
+    router_path = routers.cpu().save(out_dir / ROUTER_FILENAME)
+    new_config = _router_config(config, settings, heldout, history, out_dir, data, blocks.shape[0])
+    config_path = new_config.save(out_dir / CONFIG_FILENAME)
+    return RouterTrainResult(new_config, config_path, router_path, heldout, dense_nll, cost, history,
+                             time.perf_counter() - start)
+
+
+def _standin_beside(config: SkipConfig, out_dir: Path) -> ArtifactRef | None:
+    """The config's stand-in reference, its file copied into `out_dir` when the config lives elsewhere."""
+    ref = config.standin
+    if ref is None:
+        return None
+    source = config.resolve(ref.path).resolve()
+    if source.parent == out_dir.resolve():
+        return ArtifactRef(source.name, ref.rank)
+    with atomic_path(out_dir / source.name, suffix=source.suffix) as tmp:
+        shutil.copyfile(source, tmp)
+    return ArtifactRef(source.name, ref.rank)
+
+
+def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: HeldOut,
+                   history: list[dict[str, float]], out_dir: Path, data: DataSpec | None,
+                   num_blocks: int) -> SkipConfig:
+    training = {"target_skip": settings.target_skip, "steps": settings.steps, "lr": settings.lr,
+                "seq_len": settings.seq_len, "batch_size": settings.batch_size, "estimator": settings.estimator,
+                "penalty": settings.penalty, "heldout_skip_ratio": heldout.skip_ratio,
+                "heldout_perplexity": heldout.perplexity, "from_policy": config.policy.kind,
+                "final_kl": history[-1]["kl"] if history else None}
+    return config.evolve(
+        policy=PolicySpec("router", {"threshold": heldout.threshold}), target_skip=settings.target_skip,
+        router=ArtifactRef(ROUTER_FILENAME), standin=_standin_beside(config, out_dir),
+        metadata={**_calibration_data(data, num_blocks, settings.seq_len), **config.metadata,
+                  "router_training": training}, base_dir=out_dir.resolve())
+
+
+def _calibration_data(data: DataSpec | None, num_blocks: int, seq_len: int) -> dict[str, Any]:
+    """The ``calibration_data`` record sweeps read (a base config's own record takes precedence)."""
+    if data is None:
+        return {}
+    source = data.source
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    return {"calibration_data": {"source": source, "field": data.field, "split": data.split,
+                                 "part": list(data.part), "samples": min(num_blocks, 16), "seq_len": seq_len}}
+
+
+def run_train_router(model_source: str, config_path: str | Path | None, data: DataSpec, out_dir: str | Path,
+                     settings: RouterTrainSettings = RouterTrainSettings(),
+                     on_step: StepCallback | None = None) -> RouterTrainResult:
+    """The `train-router` command: load the model, the base config (or a dense one) and the data, then train."""
+    from ..config import dense_config, load_config
+    from ..data import token_blocks
+    from ..models import load_model
+
+    ensure_writable_dir(out_dir)
+    base = load_config(config_path) if config_path is not None else None
+    lm = load_model(model_source, device=settings.device)
+    config = base if base is not None else dense_config(lm.model, source=model_source)
+    config.check_matches(lm.model)
+    blocks = token_blocks(lm.tokenizer, data, settings.seq_len)
+    return train_router(lm.model, lm.adapter, config, blocks, out_dir, settings, on_step, data)
+
+
+# -- the sweep curve -----------------------------------------------------------------------------
+def router_sweep_candidate(ctx: Any, target: float) -> tuple[RouterPolicy, Substitutes] | None:
+    """``eval --sweep``'s ``router`` curve: a router config's routers (and stand-ins), the threshold refitted
+    on the config's calibration blocks so that the realised ratio on the evaluation blocks is about
+    `target`; ``None`` for a config without routers or a target out of reach. `ctx` is a
+    :class:`skiptool.evaluate.SweepContext`."""
+    config = ctx.config
+    if config.policy.kind != "router":
+        return None
+    routers = build_policy(config).routers
+    substitutes = load_standins(config).by_layer() if config.standin is not None else None
+    blocks = ctx.calibration_blocks
+    calib_target = target * skippable_fraction(config, int(blocks.shape[1])) / ctx.eligible_fraction()
+    try:
+        held = refit_threshold(ctx.model, ctx.adapter, config, routers, blocks, calib_target,
+                               batch_size=ctx.batch_size, substitutes=substitutes,
+                               start=config.policy.params.get("threshold", 0.5))
+    except ConfigError:
+        return None
+    return _router_policy(config, routers, held.threshold), substitutes

@@ -1,0 +1,245 @@
+"""DiffSkip router training (LLM frozen), its skip-rate control, its weights file and the train-router command."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from skiptool.adapters import adapter_for
+from skiptool.calibration import router_train as rt
+from skiptool.cli import app
+from skiptool.config import dense_config, load_config
+from skiptool.errors import ConfigError
+from skiptool.policies import RouterPolicy, Routers, build_policy
+from skiptool.runtime import skipping
+
+from conftest import tiny_llama
+
+LAYERS = 6
+
+
+def _config(model, warmup: int = 4, cold: int = 1):
+    return dense_config(model, source="tiny", cold_start=cold, cold_end=cold, warmup=warmup)
+
+
+def _blocks(n: int = 8, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _settings(**kw) -> rt.RouterTrainSettings:
+    base = dict(target_skip=0.3, steps=3, lr=1e-2, seq_len=32, batch_size=2, init_blocks=2, heldout_blocks=2)
+    return rt.RouterTrainSettings(**{**base, **kw})
+
+
+def _random_routers(layers: list[int], hidden: int = 32, seed: int = 0) -> Routers:
+    routers = Routers(hidden, layers)
+    g = torch.Generator().manual_seed(seed)
+    for lin in routers.linears.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=g)
+        lin.bias.data = torch.randn(lin.bias.shape, generator=g)
+    return routers
+
+
+def test_routers_attach_only_to_skippable_layers(tiny_model, tmp_path):
+    config = _config(tiny_model, cold=1)
+    result = rt.train_router(tiny_model, adapter_for(tiny_model), config, _blocks(), tmp_path, _settings(steps=1))
+    policy = build_policy(load_config(tmp_path))
+    assert isinstance(policy, RouterPolicy)
+    assert policy.routers.layers == config.skippable_layers == [1, 2, 3, 4]
+    assert sorted(int(k) for k in policy.routers.linears) == [1, 2, 3, 4]
+    with skipping(tiny_model, adapter_for(tiny_model), policy) as runtime:
+        policy.threshold = 1e-6  # skip wherever allowed
+        tiny_model(_blocks(1))
+        per_layer = runtime.stats.per_layer()
+    assert per_layer[0] == 0.0 and per_layer[-1] == 0.0 and all(per_layer[i] > 0 for i in (1, 2, 3, 4))
+    assert result.cost["router_params_per_layer"] == 33
+
+
+def test_a_training_step_changes_only_router_parameters(tiny_model):
+    config = _config(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    routers = _random_routers(config.skippable_layers)
+    routers_before = {k: v.clone() for k, v in routers.state_dict().items()}
+    rt.train_routers(tiny_model, adapter_for(tiny_model), config, routers, _blocks(), _settings(steps=1))
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in tiny_model.parameters())
+    changed = [k for k, v in routers.state_dict().items() if not torch.equal(v, routers_before[k])]
+    assert len(changed) == len(routers_before)
+
+
+def test_training_decisions_are_hard_in_the_forward_pass_with_a_gradient(tiny_model):
+    config = _config(tiny_model, warmup=0)
+    routers = _random_routers(config.skippable_layers)
+    policy = RouterPolicy(LAYERS, config.skippable_layers, 0, routers)
+    ids = _blocks(1)
+    with skipping(tiny_model, adapter_for(tiny_model), policy) as runtime:
+        with runtime.recording() as hard:
+            inference_logits = tiny_model(ids).logits
+            hard = {i: d.clone() for i, d in hard.items()}
+        policy.train_decisions("ste")
+        with torch.enable_grad():
+            training_logits = tiny_model(ids).logits
+            soft = policy.soft_decisions
+            assert all(d.requires_grad for d in soft.values())
+            assert all(torch.equal(soft[i].detach().bool(), hard[i]) for i in soft)
+            training_logits.sum().backward()
+    torch.testing.assert_close(training_logits.detach(), inference_logits, rtol=0, atol=1e-5)
+    assert all(lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0 for lin in routers.linears.values())
+
+
+def test_the_skip_rate_penalty_drives_the_realised_rate_to_the_target(tiny_model):
+    config = _config(tiny_model, warmup=4)
+    routers = _random_routers(config.skippable_layers)
+    for lin in routers.linears.values():  # start far below the target: almost nothing skips
+        lin.weight.data *= 0.1
+        lin.bias.data.fill_(-2.0)
+    target = 0.3
+    history = rt.train_routers(tiny_model, adapter_for(tiny_model), config, routers, _blocks(),
+                               _settings(target_skip=target, steps=30, lr=0.1, penalty=100.0))
+    first = history[0]["skip_ratio"]
+    late = sum(h["skip_ratio"] for h in history[-10:]) / 10  # one batch's rate is noisy on a tiny model
+    assert first < 0.05
+    assert abs(late - target) < 0.08
+
+
+def test_the_refitted_threshold_meets_the_target_realised_ratio(tiny_model):
+    config = _config(tiny_model, warmup=4)
+    routers = _random_routers(config.skippable_layers)
+    held = rt.refit_threshold(tiny_model, adapter_for(tiny_model), config, routers, _blocks(4, seed=5), 0.2)
+    assert 0 < held.threshold < 1
+    assert held.skip_ratio == pytest.approx(0.2, abs=0.02)
+    policy = RouterPolicy(LAYERS, config.skippable_layers, 4, routers, held.threshold)
+    with skipping(tiny_model, adapter_for(tiny_model), policy) as runtime, torch.no_grad():
+        for batch in _blocks(4, seed=5).split(2):
+            tiny_model(batch)
+        assert runtime.stats.skip_ratio == pytest.approx(held.skip_ratio)
+
+
+def test_inner_rate_counts_cold_layers_and_warmup(tiny_model):
+    config = _config(tiny_model, warmup=8, cold=1)  # 4 of 6 layers, 24 of 32 positions may skip
+    assert rt.inner_rate(config, 0.25, 32) == pytest.approx(0.25 / (4 / 6 * 24 / 32))
+    with pytest.raises(ConfigError, match="out of reach"):
+        rt.inner_rate(config, 0.6, 32)
+
+
+def test_save_load_round_trips_exactly(tmp_path):
+    routers = _random_routers([2, 3, 5], hidden=32)
+    loaded = Routers.load(routers.save(tmp_path / "r.safetensors"), 32, [2, 3, 5])
+    original, back = routers.state_dict(), loaded.state_dict()
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+@pytest.mark.parametrize("hidden, layers, match", [(64, [2, 3, 5], "do not match"), (32, [2, 3], "do not match"),
+                                                   (32, [2, 3, 4], "do not match")])
+def test_mismatched_router_files_are_refused(tmp_path, hidden, layers, match):
+    path = _random_routers([2, 3, 5]).save(tmp_path / "r.safetensors")
+    with pytest.raises(ConfigError, match=match):
+        Routers.load(path, hidden, layers)
+
+
+# -- the command line ------------------------------------------------------------------------------------
+def _text_file(path: Path, words: int = 3000) -> Path:
+    rng = random.Random(0)
+    path.write_text(" ".join(f"w{rng.randrange(120)}" for _ in range(words)), encoding="utf-8")
+    return path
+
+
+def _train_cli(model_dir: Path, out: Path, text: Path, *extra: str):
+    base = out.parent / "base.json"
+    if not base.exists():
+        model = tiny_llama()
+        _config(model).save(base)
+    args = ["train-router", str(model_dir), "--config", str(base), "-o", str(out), "--data", str(text),
+            "--part", "0:1", "--seq-len", "32", "--steps", "2", "--target-skip", "0.2", "--json", *extra]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("router-cli")
+    result = _train_cli(tiny_model_dir, root / "out", _text_file(root / "text.txt"))
+    assert result.exit_code == 0, result.output
+    return root / "out", json.loads(result.stdout)
+
+
+def test_train_router_cli_writes_a_router_config(trained):
+    out, report = trained
+    config = load_config(out)
+    assert config.policy.kind == "router" and config.router is not None
+    assert config.policy.params["threshold"] == pytest.approx(report["threshold"])
+    assert (out / "router.safetensors").is_file()
+    assert config.warmup == 4 and config.cold_start == 1 and config.target_skip == 0.2
+    cost = report["cost"]  # a tiny model's FFN is small: the < 1% share is checked on the demo model
+    assert cost["ffn_params_per_layer"] == 3 * 32 * 64 and cost["router_params_per_layer"] == 33
+    assert cost["flop_share"] == pytest.approx(cost["router_flops_per_token"] / cost["ffn_flops_per_token"])
+    assert math.isfinite(report["heldout_perplexity"])
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_generate_runs_with_a_trained_router_config(trained, tiny_model_dir):
+    out, _ = trained
+    result = CliRunner().invoke(app, ["generate", str(tiny_model_dir), "--config", str(out), "-p",
+                                      " ".join(f"w{i}" for i in range(10)), "--raw", "-n", "4",
+                                      "--router-threshold", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "policy router" in result.output
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong_layers", "wrong_hidden"])
+def test_a_config_with_a_missing_or_mismatched_router_file_is_one_error_line(trained, tiny_model_dir, tmp_path,
+                                                                          damage):
+    out, _ = trained
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = load_config(out)
+    config.save(bad)
+    if damage == "wrong_layers":
+        _random_routers([1, 2, 3]).save(bad / "router.safetensors")
+    elif damage == "wrong_hidden":
+        _random_routers(config.skippable_layers, hidden=16).save(bad / "router.safetensors")
+    result = CliRunner().invoke(app, ["generate", str(tiny_model_dir), "--config", str(bad), "-p", "w1 w2",
+                                      "--raw", "-n", "2"])
+    assert result.exit_code == 1
+    expected = "not found" if damage == "missing" else "do not match"
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_train_router_cli_refuses_an_unreachable_target(tiny_model_dir, tmp_path):
+    result = _train_cli(tiny_model_dir, tmp_path / "out", _text_file(tmp_path / "t.txt"), "--target-skip", "0.9")
+    assert result.exit_code == 1
+    assert "out of reach" in result.output
+    assert not (tmp_path / "out" / "skip_config.json").exists()
+
+
+# -- the demo model --------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_brief_training_on_the_demo_model_meets_the_ratio_and_evaluates(demo, tmp_path):
+    from skiptool.data import DataSpec, token_blocks
+    from skiptool.runtime import runtime_from_config
+
+    config = dense_config(demo.model, source="smollm2-135m", warmup=32)
+    blocks = token_blocks(demo.tokenizer, DataSpec(part=(0.0, 0.5)), 128, 10)
+    settings = rt.RouterTrainSettings(target_skip=0.1, steps=2, seq_len=128, batch_size=1, init_blocks=1,
+                                      heldout_blocks=2)
+    result = rt.train_router(demo.model, demo.adapter, config, blocks, tmp_path, settings)
+    assert result.heldout.skip_ratio == pytest.approx(0.1, abs=0.02)
+    assert result.cost["flop_share"] < 0.01
+    eval_ids = token_blocks(demo.tokenizer, DataSpec(part=(0.5, 1.0)), 128, 1)
+    runtime = runtime_from_config(demo.model, demo.adapter, load_config(tmp_path))
+    try:
+        with torch.no_grad():
+            loss = demo.model(eval_ids, labels=eval_ids).loss.item()
+        assert runtime.stats.skip_ratio > 0.0
+    finally:
+        runtime.remove()
+    with torch.no_grad():
+        dense_loss = demo.model(eval_ids, labels=eval_ids).loss.item()
+    assert math.isfinite(loss) and loss < dense_loss + 1.0
