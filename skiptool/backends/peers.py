@@ -195,6 +195,7 @@ class LlamaCppBackend:
         self.precision = gguf_precision(self.gguf)
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          logits_all=False, verbose=False)
+        self.n_vocab = int(self.llm.n_vocab())
 
     def reset(self) -> None:
         self.llm.reset()
@@ -208,7 +209,11 @@ class LlamaCppBackend:
         return self._logits()
 
     def _logits(self) -> np.ndarray:
-        return self.llm.scores[self.llm.n_tokens - 1]
+        """The last evaluated token's logits (llama.cpp keeps only those without ``logits_all``)."""
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits(self.llm.ctx)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
     def skip_ratio(self) -> float | None:
         return 0.0
