@@ -26,7 +26,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from skiptool.config import ArtifactRef, SkipConfig, dense_config, load_config
+from skiptool.config import ArtifactRef, PolicySpec, SkipConfig, dense_config, load_config
 from skiptool.errors import ConfigError, SkipToolError
 from skiptool.fileio import atomic_directory, write_json_atomic
 from skiptool.policies import NeverSkip, RandomSkip
@@ -248,7 +248,11 @@ def export(source: str, out_dir: str | Path, config_path: str | Path | None = No
     lm = load_model(source, dtype=dtype)
     if config is not None:
         config.check_matches(lm.model)
-    config = config or dense_config(lm.model, source)
+    if config is None:
+        cold = min(2, (lm.model.config.num_hidden_layers - 1) // 2)
+        config = dense_config(lm.model, source, cold_start=cold, cold_end=cold)
+    if dense:  # the config written beside a dense graph says what it computes: no skipping
+        config = config.evolve(policy=PolicySpec("none"), router=None, standin=None)
     with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".skiptool-x-") as x:
         return _export_into(lm, config, dense, fmt, quantize, dtype, parity_steps, tmp, Path(x), Path(out_dir), say)
 

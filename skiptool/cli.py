@@ -104,8 +104,12 @@ def generate(
     router_threshold: Optional[float] = typer.Option(None, "--router-threshold", min=0.0, max=1.0,
                                                      help="Override the router policy's probability threshold."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Run a `skiptool export` folder with ONNX Runtime "
+                                            "(its own policy; MODEL and --config are not used)."),
 ) -> None:
     """Generate text, streaming it, then print tokens/s and the realised skip ratio."""
+    if onnx_dir is not None:
+        return _generate_onnx(onnx_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, config)
     from .config import load_config
     from .generate import encode_prompt, generate as run_generate
     from .models import load_model
@@ -123,6 +127,87 @@ def generate(
     console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
                   f"prefill {result.prefill_s * 1000:.0f} ms, policy {policy}, FFN skip ratio {skip}[/]",
                   soft_wrap=True)
+
+
+def _generate_onnx(onnx_dir: Path, prompt: str, raw: bool, max_new_tokens: int, temperature: float, top_p: float,
+                   seed: int, config: Optional[Path]) -> None:
+    from .backends.onnxruntime import generate_from_export
+
+    if config is not None:
+        raise SkipToolError("--onnx runs the exported graph with the policy it was exported with; drop --config")
+    result = generate_from_export(onnx_dir, prompt, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed, on_text=lambda piece: console.out(piece, end="",
+                                                                                          highlight=False))
+    console.out("")
+    console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode (ONNX Runtime), "
+                  f"prefill {result.prefill_s * 1000:.0f} ms, FFN skip ratio {result.skip_ratio:.1%}[/]",
+                  soft_wrap=True)
+
+
+def _eval_onnx(onnx_dir: Path, spec: Any, samples: int, seq_len: int, output: Optional[Path], as_json: bool,
+               torch_only: bool) -> None:
+    from .backends.onnxruntime import evaluate_export
+    from .evaluate import write_eval
+
+    if torch_only:
+        raise SkipToolError("--onnx evaluates the exported graph with its own policy; drop --config and --sweep")
+    with _phase_progress() as progress:
+        result = evaluate_export(onnx_dir, spec, samples, seq_len, progress=progress)
+    if output is not None:
+        result.paths = write_eval(result, output)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    _print_eval(result)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+@command()
+def export(
+    model: str = ModelArg,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config whose policy the graph computes."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for model.onnx, skip_config.json, tokenizer."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or tensorrt."),
+    quantize: str = typer.Option("none", "--quantize", "-q", help="none, int8 or int4 (weights in If branches too)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16 (fp16 for GPU targets)."),
+    dense: bool = typer.Option(False, "--dense", help="The same exporter without any If: the dense baseline."),
+    parity_steps: int = typer.Option(32, "--parity-steps", min=1, help="Decode steps of the ORT-vs-PyTorch check."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Export the model with its skip policy: one KV-cache graph, an If around each skippable FFN."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .exporters.onnx import export as run_export
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as progress:
+        task = progress.add_task("export", total=None)
+        report = run_export(model, output, config, fmt=fmt, quantize=quantize, dtype=dtype, dense=dense,
+                            parity_steps=parity_steps,
+                            progress=lambda phase: progress.update(task, description=f"export: {phase}"))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _print_export(report)
+
+
+def _print_export(report: Any) -> None:
+    table = Table(title=f"export: {report.out_dir}", show_header=False)
+    table.add_row("format / dtype / quantize", f"{report.format} / {report.dtype} / {report.quantize}")
+    table.add_row("policy", f"{report.policy} ({report.mode})")
+    table.add_row("If nodes", f"{report.if_count} (skippable layers {len(report.skippable_layers)})")
+    if report.quantized_ops_in_branches is not None:
+        table.add_row("quantized ops inside If branches", str(report.quantized_ops_in_branches))
+    table.add_row("size", f"{report.size_bytes / 2**20:.1f} MiB")
+    table.add_row("export time", f"{report.export_s:.1f} s")
+    for name, p in report.parity.items():
+        status = "ok" if p["ok_fp32_tolerance"] else "above 1e-4" if p["decisions_match"] else "decisions differ"
+        table.add_row(f"ORT vs PyTorch ({name})", f"logits max |diff| {p['max_abs_logits']:.2e}, present "
+                      f"{p['max_abs_present']:.2e}, decisions {'match' if p['decisions_match'] else 'differ'} "
+                      f"({status}); skip ratio {p['skip_ratio_ort']:.1%} over {p['steps']} steps")
+    console.print(table)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +353,8 @@ def calibrate(
 @command("eval")
 def eval_command(
     model: str = ModelArg,
-    config: Path = typer.Option(..., "--config", "-c", help="Skip config (skip_config.json or its directory)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config (skip_config.json or its "
+                                          "directory); not with --onnx."),
     data: str = DataOpt,
     field: str = FieldOpt,
     split: str = SplitOpt,
@@ -287,8 +373,15 @@ def eval_command(
                                                      help="Override the router policy's probability threshold."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (ppl_dense, ppl_skip, skip_ratio, ...)."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Evaluate a `skiptool export` folder with ONNX "
+                                            "Runtime: its policy against the same graph forced dense."),
 ) -> None:
     """Perplexity of the dense and the skipping model on the same tokens, and the realised skip ratio."""
+    if onnx_dir is not None:
+        return _eval_onnx(onnx_dir, _data_spec(data, field, split, part), samples, seq_len, output, as_json,
+                          config is not None or sweep)
+    if config is None:
+        raise SkipToolError("eval needs --config (a skip config) or --onnx (an export folder)")
     from .calibration.fit import check_output_dir
     from .config import load_config
     from .evaluate import evaluate, parse_targets

@@ -1,8 +1,9 @@
 """ONNX Runtime decode backend for graphs written by ``skiptool export --format onnx``.
 
-One sequence at a time: the KV cache stays in ONNX Runtime's own buffers between steps (IO binding:
-each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*`` inputs, never
-copied through numpy). Session options are tuned for latency (sequential execution, one inter-op
+One sequence at a time: the KV cache stays in ONNX Runtime's own buffers between steps: each step's
+``present.*`` outputs (``OrtValue``s, on the execution provider's device) are fed as the next step's
+``past_key_values.*`` inputs, never copied through numpy. (``run_with_ort_values`` rather than an
+``IOBinding``: a binding cannot address ``skip_mask``, an input backed by an initializer.) Session options are tuned for latency (sequential execution, one inter-op
 thread, all graph optimisations, a chosen intra-op thread count and spinning). The CUDA execution
 provider is used when onnxruntime-gpu and a GPU are present; the ``If`` conditions and the per-layer
 ``skip_decisions`` are read on the host, so :meth:`OrtBackend.skip_ratio` is the ratio the graph realised.
@@ -88,6 +89,8 @@ class OrtBackend:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_TYPES.get(types.get(self.io.past_names()[0], ""), np.float32)
+        self._ort = ort
+        self._outputs = self.io.output_names()
         self.set_skip_mask(skip_mask)
         self.reset()
 
@@ -111,6 +114,8 @@ class OrtBackend:
         self.length = 0
         self.last_decisions: np.ndarray | None = None
         self._skipped = self._total = 0.0
+        self._skipped_per_layer = np.zeros(self.io.num_layers)
+        self._total_per_layer = 0.0
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return self.forward(token_ids, count=False)[-1]
@@ -123,25 +128,22 @@ class OrtBackend:
         :meth:`block_logits` passes; not the prefill)."""
         return self._skipped / self._total if self._total else 0.0
 
+    def per_layer_skip_ratio(self) -> list[float]:
+        """Per layer, the share of counted tokens whose FFN was skipped (cold layers 0)."""
+        return (self._skipped_per_layer / max(self._total_per_layer, 1.0)).tolist()
+
     # -- the decode loop -------------------------------------------------------------------------
     def forward(self, token_ids: Sequence[int], count: bool = True) -> np.ndarray:
         """Append tokens to the cached sequence; return their logits ``[len(token_ids), vocab]`` (float32)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_IDS, ids)
-        binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, self.length + n), dtype=np.int64))
-        binding.bind_cpu_input(POSITION_IDS, np.arange(self.length, self.length + n, dtype=np.int64)[None])
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((1, self.length + n), dtype=np.int64),
+                 POSITION_IDS: np.arange(self.length, self.length + n, dtype=np.int64)[None]}
         if self.skip_mask is not None:
-            binding.bind_cpu_input(SKIP_MASK, self.skip_mask)
-        for name, value in zip(self.io.past_names(), self._past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(LOGITS, "cpu")
-        for name in self.io.present_names():
-            binding.bind_output(name, self.device)
-        binding.bind_output(SKIP_DECISIONS, "cpu")
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
+            feeds[SKIP_MASK] = self.skip_mask
+        values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
+        values.update(zip(self.io.past_names(), self._past))
+        outputs = self.session.run_with_ort_values(self._outputs, values)
         self._past = outputs[1:-1]
         self.length += n
         self.last_decisions = outputs[-1].numpy()[:, 0, :]  # [num_layers, n]
@@ -175,8 +177,12 @@ class OrtBackend:
         return logits.astype(np.float32, copy=False)
 
     def _count(self, decisions: np.ndarray) -> None:
-        self._skipped += float(decisions.sum())
-        self._total += float(decisions.size)
+        """Add a pass's decisions ``[num_layers, batch, seq]`` (or ``[num_layers, seq]``) to the counters."""
+        flat = decisions.reshape(decisions.shape[0], -1)
+        self._skipped_per_layer += flat.sum(axis=1)
+        self._total_per_layer += flat.shape[1]
+        self._skipped += float(flat.sum())
+        self._total += float(flat.size)
 
 
 def generate_text(backend: OrtBackend, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int = 64,
@@ -225,3 +231,31 @@ def generate_from_export(model_dir: str | Path, prompt: str, raw: bool = False, 
         raise SkipToolError(f"cannot load the tokenizer saved in {model_dir}: {str(exc).splitlines()[0]}") from None
     ids = encode_prompt(tokenizer, prompt, raw=raw)[0].tolist()
     return generate_text(backend, tokenizer, ids, max_new_tokens, temperature, top_p, seed, on_text)
+
+
+def evaluate_export(model_dir: str | Path, data: Any, samples: int = 16, seq_len: int = 512,
+                    progress: Callable[[str, int, int], Any] | None = None) -> Any:
+    """``skiptool eval --onnx DIR``: perplexity of the exported graph with its policy against the same graph
+    forced dense (``skip_mask`` all -1, which equals the dense model), on the same token blocks."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..data import token_blocks
+    from ..evaluate import EvalResult, perplexity, token_nll
+
+    backend = OrtBackend(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    blocks = token_blocks(tokenizer, data, seq_len, samples)
+
+    def nll(mask: Sequence[int] | None, label: str) -> Any:
+        backend.set_skip_mask(mask)
+        backend.reset()
+        step = (lambda done, total: progress(label, done, total)) if progress is not None else None
+        return token_nll(lambda ids: torch.from_numpy(backend.block_logits(ids.numpy())), blocks, 1, step)
+
+    dense = nll([-1] * backend.io.num_layers, "dense (skip_mask -1)")
+    skip = nll(None, f"skip ({backend.info.get('policy')})")
+    return EvalResult(perplexity(dense), perplexity(skip), backend.skip_ratio() or 0.0, backend.per_layer_skip_ratio(),
+                      str(backend.info.get("policy")), int(blocks.shape[0]), int(blocks.shape[1]),
+                      {"source": data.source, "part": list(data.part), "field": data.field, "split": data.split,
+                       "onnx": str(model_dir)})

@@ -1,0 +1,312 @@
+"""`skiptool export`: one KV-cache graph with an If per skippable FFN, checked against the PyTorch skip runtime.
+
+Tiny random Llama models (4 layers, cold 1/1, so layers 1 and 2 are skippable, warm-up 4). Each policy is
+exported once per test session (tracing takes a while on 2 cores) and shared through :func:`tiny_export`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import save_tiny_model_dir
+from typer.testing import CliRunner
+
+from skiptool.cli import app
+from skiptool.config import ArtifactRef, dense_config, load_config
+from skiptool.errors import ConfigError
+from skiptool.models import load_model
+from skiptool.policies import Routers
+
+LAYERS = 4
+SKIPPABLE = [1, 2]
+WARMUP = 4
+runner = CliRunner()
+
+
+# -- shared exports ----------------------------------------------------------------------------------
+def tiny_model_dir(base: Path) -> Path:
+    path = base / "tiny-model"
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        save_tiny_model_dir(path, num_layers=LAYERS)
+    return path
+
+
+def tiny_config(base: Path, kind: str) -> Path:
+    """A skip config of policy `kind` for the tiny model (router weights random, written beside it)."""
+    model = load_model(str(tiny_model_dir(base))).model
+    cfg = dense_config(model, "tiny", cold_start=1, cold_end=1, warmup=WARMUP)
+    folder = base / f"config-{kind}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "static":
+        cfg = cfg.with_policy("static", skip_layers=[2])
+    elif kind == "cosine":
+        cfg = cfg.with_policy("cosine", thresholds=[0.3] * LAYERS, greedy_k=1)
+    elif kind == "router":
+        routers = Routers(model.config.hidden_size, SKIPPABLE)
+        g = torch.Generator().manual_seed(3)
+        for lin in routers.linears.values():
+            lin.weight.data = torch.randn(lin.weight.shape, generator=g)
+        routers.save(folder / "router.safetensors")
+        cfg = cfg.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5)
+    elif kind == "random":
+        cfg = cfg.with_policy("random", rate=0.5)
+    return cfg.save(folder)
+
+
+def tiny_export(base: Path, kind: str, **options) -> Path:
+    """Export the tiny model with policy `kind` (``dense``: no If) once per session; the export folder."""
+    from skiptool.exporters.onnx import export
+
+    tag = "-".join([kind, *(f"{k}{v}" for k, v in sorted(options.items()))])
+    out = base / f"export-{tag}"
+    if not (out / "skiptool_export.json").is_file():
+        config = None if kind == "dense" else tiny_config(base, kind)
+        export(str(tiny_model_dir(base)), out, config, dense=kind == "dense", **options)
+    return out
+
+
+def export_cache(tmp_path_factory) -> Path:
+    """Where tiny exports live for the session (``SKIPTOOL_TEST_EXPORT_CACHE`` keeps them across sessions)."""
+    cached = os.environ.get("SKIPTOOL_TEST_EXPORT_CACHE")
+    return Path(cached) if cached else tmp_path_factory.getbasetemp() / "skiptool-exports"
+
+
+def report_of(folder: Path) -> dict:
+    return json.loads((folder / "skiptool_export.json").read_text())["report"]
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    return export_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny(base):
+    return load_model(str(tiny_model_dir(base)))
+
+
+# -- the graph ---------------------------------------------------------------------------------------
+def test_export_writes_graph_config_tokenizer_and_genai_config(base):
+    out = tiny_export(base, "static")
+    for name in ("model.onnx", "skip_config.json", "skiptool_export.json", "genai_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    genai = json.loads((out / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert decoder["num_hidden_layers"] == LAYERS and decoder["filename"] == "model.onnx"
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert load_config(out).policy.kind == "static"
+
+
+def test_one_if_per_skippable_layer_with_only_the_ffn_inside(base):
+    model = onnx.load(str(tiny_export(base, "static") / "model.onnx"))
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == len(SKIPPABLE)
+    onnx.checker.check_model(model, full_check=True)
+    for node in ifs:
+        branches = {a.name: a.g for a in node.attribute}
+        assert sum(n.op_type == "MatMul" for n in branches["else_branch"].node) == 3  # gate, up, down
+        assert not any(n.op_type == "MatMul" for n in branches["then_branch"].node)
+    assert report_of(tiny_export(base, "static"))["if_count"] == len(SKIPPABLE)
+
+
+def test_io_names_follow_optimum_and_skip_mask_is_optional(base):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_export(base, "static") / "model.onnx"))
+    inputs = [i.name for i in session.get_inputs()]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.3.value" in inputs and "skip_mask" not in inputs
+    assert [i.name for i in session.get_overridable_initializers()] == ["skip_mask"]
+    outputs = [o.name for o in session.get_outputs()]
+    assert outputs[0] == "logits" and "present.0.key" in outputs and outputs[-1] == "skip_decisions"
+    past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
+    assert past.shape[0] == "batch_size" and past.shape[2] == "past_sequence_length"
+
+
+@pytest.mark.parametrize("kind", ["static", "cosine", "router"])
+def test_ort_matches_the_pytorch_skip_runtime_for_each_policy(base, kind):
+    parity = report_of(tiny_export(base, kind))["parity"]["graph"]
+    assert parity["steps"] >= 32 and parity["prompt_tokens"] > WARMUP
+    assert parity["max_abs_logits"] <= 1e-4 and parity["max_abs_present"] <= 1e-4
+    assert parity["decisions_match"]
+    assert parity["skip_ratio_ort"] > 0, "the check is only meaningful if something was skipped"
+
+
+@pytest.mark.parametrize("mask", [[0, 1, -1, 0], [0, -1, 1, 0], [1, 1, 1, 1]])
+def test_forced_masks_through_skip_mask_match_the_runtime_override(base, tiny, mask):
+    from skiptool.exporters.validate import check_parity
+    from skiptool.runtime import runtime_from_config
+
+    out = tiny_export(base, "cosine")
+    runtime = runtime_from_config(tiny.model, tiny.adapter, load_config(out))
+    try:
+        report = check_parity(out, tiny.model, runtime, steps=32, skip_mask=mask)
+    finally:
+        runtime.remove()
+    assert report.ok(1e-4), report
+
+
+def test_all_compute_skip_mask_gives_the_dense_model(base, tiny):
+    from skiptool.backends.onnxruntime import OrtBackend
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    dense = tiny.model(ids).logits.numpy()
+    for kind in ("static", "router"):
+        backend = OrtBackend(tiny_export(base, kind), skip_mask=[-1] * LAYERS)
+        np.testing.assert_allclose(backend.block_logits(ids.numpy()), dense, atol=1e-4, rtol=0)
+        assert not backend.last_decisions.any()
+
+
+def test_dense_export_has_no_if_and_matches_the_model(base, tiny):
+    from skiptool.backends.onnxruntime import OrtBackend
+
+    out = tiny_export(base, "dense")
+    assert sum(n.op_type == "If" for n in onnx.load(str(out / "model.onnx")).graph.node) == 0
+    backend = OrtBackend(out)
+    assert backend.mode == "dense" and load_config(out).policy.kind == "none"
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(6))
+    np.testing.assert_allclose(backend.block_logits(ids.numpy()), tiny.model(ids).logits.numpy(), atol=1e-4, rtol=0)
+    assert report_of(out)["parity"]["graph"]["max_abs_logits"] <= 1e-4
+
+
+def test_router_weights_are_copied_beside_the_exported_config(base):
+    out = tiny_export(base, "router")
+    config = load_config(out)
+    assert config.router is not None and (out / config.router.path).is_file()
+
+
+def test_random_policy_is_refused(base, tmp_path):
+    from skiptool.exporters.onnx import export
+
+    with pytest.raises(ConfigError, match="random"):
+        export(str(tiny_model_dir(base)), tmp_path / "out", tiny_config(base, "random"))
+    assert not any((tmp_path / "out").rglob("*.onnx"))
+
+
+# -- quantization and precision ------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_quantization_reaches_the_weights_inside_if_branches(base, tmp_path, scheme, op):
+    import shutil
+
+    from skiptool.backends.onnxruntime import OrtBackend
+    from skiptool.exporters.onnx import count_ops
+    from skiptool.exporters.quantize import quantize_graph
+
+    src = tiny_export(base, "static")
+    shutil.copy(src / "skiptool_export.json", tmp_path)
+    inside = quantize_graph(src / "model.onnx", tmp_path / "model.onnx", scheme)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert inside == count_ops(model, op, in_branches_only=True) == 3 * len(SKIPPABLE)
+    assert count_ops(model, "MatMul", in_branches_only=True) == 0
+    ids = np.arange(1, 11)[None]
+    quantized = OrtBackend(tmp_path).block_logits(ids)
+    reference = OrtBackend(src).block_logits(ids)
+    assert np.isfinite(quantized).all() and np.abs(quantized - reference).max() < 0.5
+
+
+def test_fp16_export_loads_and_runs_close_to_fp32(base):
+    from skiptool.backends.onnxruntime import OrtBackend
+
+    out = tiny_export(base, "static", dtype="fp16")
+    backend = OrtBackend(out)
+    assert backend.precision == "fp16" and backend.kv_dtype == np.float16
+    ids = np.arange(1, 11)[None]
+    reference = OrtBackend(tiny_export(base, "static")).block_logits(ids)
+    assert np.abs(backend.block_logits(ids) - reference).max() < 5e-2
+    assert report_of(out)["parity"]["graph"]["decisions_match"]
+
+
+# -- TensorRT graph requirements (no TensorRT needed) --------------------------------------------------
+def test_exported_graph_meets_tensorrt_parser_requirements(base):
+    from skiptool.exporters.tensorrt import graph_problems, profile_shapes
+
+    model = onnx.load(str(tiny_export(base, "router") / "model.onnx"))
+    assert graph_problems(model) == []
+    shapes = profile_shapes(model, max_batch=2, max_context=512)
+    assert "skip_mask" not in shapes
+    lo, opt, hi = shapes["past_key_values.0.key"]
+    assert lo[0] == 1 and lo[2] == 0 and hi[0] == 2 and hi[2] == 511 and lo[1] == hi[1]
+
+
+def test_tensorrt_checks_flag_contrib_ops_float_conditions_and_rank_mismatch():
+    from onnx import TensorProto, helper
+
+    from skiptool.exporters.tensorrt import graph_problems
+
+    def branch(name: str, rank: int) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1] * rank)
+        return helper.make_graph([helper.make_node("Identity", ["x"], [f"{name}_out"])], name, [], [out])
+
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch("a", 3), else_branch=branch("b", 2)),
+             helper.make_node("FusedMatMul", ["x", "x"], ["z"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    problems = " | ".join(graph_problems(model))
+    assert "com.microsoft" in problems and "0-d bool" in problems and "ranks 3 / 2" in problems
+
+
+# -- the command line ----------------------------------------------------------------------------------
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    return result.output.strip()
+
+
+def test_cli_export_prints_if_count_and_parity_then_generate_runs_it(base, tmp_path):
+    out = tmp_path / "cli-export"
+    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(tiny_config(base, "static")),
+                                 "-o", str(out), "--parity-steps", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["if_count"] == len(SKIPPABLE) and report["parity"]["graph"]["decisions_match"]
+    gen = runner.invoke(app, ["generate", "--onnx", str(out), "--prompt", "w1 w2 w3 w4 w5 w6", "--raw", "-n", "8"])
+    assert gen.exit_code == 0, gen.output
+    assert "tokens/s decode (ONNX Runtime)" in gen.output and "FFN skip ratio" in gen.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "coreml"], "unknown format"),
+    (["--quantize", "int3"], "unknown quantize"),
+    (["--format", "tensorrt"], "TensorRT"),
+])
+def test_cli_export_bad_options_are_one_line_errors_and_write_nothing(base, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(tiny_config(base, "static")),
+                                 "-o", str(out), *args])
+    assert message in _one_line_error(result)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_export_to_an_unwritable_directory_is_one_line_error(base, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(tiny_config(base, "static")),
+                                 "-o", str(blocker / "out")])
+    assert "not writable" in _one_line_error(result)
+
+
+def test_cli_export_with_a_config_for_another_model_is_one_line_error(base, tmp_path):
+    wrong = load_config(tiny_config(base, "static")).to_dict()
+    wrong["model"]["num_layers"] = 6
+    path = tmp_path / "wrong.json"
+    path.write_text(json.dumps(wrong))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(path), "-o", str(out)])
+    assert "does not match" in _one_line_error(result)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_export_needs_a_config_or_dense(base, tmp_path):
+    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "-o", str(tmp_path / "out")])
+    assert "--dense" in _one_line_error(result)
