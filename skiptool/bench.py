@@ -250,11 +250,6 @@ class RunSpec:
                 what = f"skip ({self.policy})"
             self.label = f"{self.backend} {self.precision} {what}"
 
-    @property
-    def group(self) -> tuple[str, str]:
-        """Runs compare against the dense run of the same backend family and precision."""
-        return self.backend, self.precision
-
 
 @dataclass
 class RunResult:
@@ -739,7 +734,19 @@ def plan_runs(req: "BenchRequest", lm: Any, config: Any | None, threads: int, ma
         dense = genai_dense[plan.precision] / "model.onnx"
         peers += genai_export_specs(plan, layers, req.skip_ratios, threads, req.spin, max_length, dense)
     order = {"onnxruntime-genai": 0, "llama.cpp": 1}
-    return specs + sorted(peers, key=lambda s: (order.get(s.backend, 2), s.precision, s.mode != "dense"))
+    notes = gpu_notes() if plans else []
+    return specs + sorted(peers, key=lambda s: (order.get(s.backend, 2), s.precision, s.mode != "dense")) + notes
+
+
+def gpu_notes() -> list[RunSpec]:
+    """Skipped entries for ONNX Runtime's CUDA and TensorRT execution providers when they are not here."""
+    providers = _ort_providers()
+    wanted = {"CUDAExecutionProvider": ("onnxruntime CUDA", "pip install onnxruntime-gpu (needs an NVIDIA GPU)"),
+              "TensorrtExecutionProvider": ("onnxruntime TensorRT", "pip install onnxruntime-gpu tensorrt "
+                                                                    "(needs an NVIDIA GPU)")}
+    return [RunSpec(name.split()[0], "dense", name.split()[1], None, label=name,
+                    skipped=f"skipped: {provider} not available — install with `{command}`")
+            for provider, (name, command) in wanted.items() if provider not in providers]
 
 
 def model_files(source: str, model: Any) -> tuple[str | None, str | None]:
