@@ -174,12 +174,19 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16 (fp16 for GPU targets)."),
     dense: bool = typer.Option(False, "--dense", help="The same exporter without any If: the dense baseline."),
     parity_steps: int = typer.Option(32, "--parity-steps", min=1, help="Decode steps of the ORT-vs-PyTorch check."),
+    target: str = typer.Option("standard", "--target", help="standard or tensorrt (standard ops), or ort: "
+                               "onnxruntime-genai's fused graph (GQA, MatMulNBits) with an If per skippable FFN."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Export the model with its skip policy: one KV-cache graph, an If around each skippable FFN."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .exporters.onnx import export as run_export
+
+    if target not in ("standard", "tensorrt", "ort"):
+        raise SkipToolError(f"unknown --target {target!r} (expected standard, tensorrt or ort)")
+    if target == "ort":
+        return _export_ort_target(model, output, config, fmt, quantize, dtype, dense, as_json)
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                   transient=True) as progress:
@@ -191,6 +198,35 @@ def export(
         _print_json(report.to_dict())
         return
     _print_export(report)
+
+
+def _export_ort_target(model: str, output: Path, config: Optional[Path], fmt: str, quantize: str, dtype: str,
+                       dense: bool, as_json: bool) -> None:
+    """``--target ort``: onnxruntime-genai's graph with an If per skippable FFN; prints If and fused-op counts."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .exporters.ort_target import OVERRIDE_MODEL_FILE, export_ort_source
+
+    if fmt != "onnx" or dense:
+        raise SkipToolError("--target ort needs --format onnx and no --dense (its dense baseline is "
+                            "onnxruntime-genai's own model builder output)")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as progress:
+        task = progress.add_task("export --target ort", total=None)
+        report = export_ort_source(model, output, config, quantize=quantize, dtype=dtype,
+                                   progress=lambda phase: progress.update(task, description=f"export: {phase}"))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    table = Table(title=f"export --target ort: {report.out_dir}", show_header=False)
+    table.add_row("precision", report.precision)
+    table.add_row("skippable layers", f"{len(report.skippable)} ({report.skippable[0]}-{report.skippable[-1]})"
+                  if report.skippable else "none")
+    for op, n in report.op_counts.items():
+        table.add_row(f"{op} nodes", str(n))
+    table.add_row("skip_mask override", f"optional input of model.onnx; for onnxruntime-genai select "
+                  f"{OVERRIDE_MODEL_FILE} (overlay) and set_model_input('skip_mask', ...)")
+    console.print(table)
 
 
 def _print_export(report: Any) -> None:
