@@ -152,6 +152,7 @@ def test_runs_are_interleaved_round_robin_and_the_warm_up_is_dropped():
     assert all(len(r.step_s) == 3 * 4 for r in results)  # 5 new tokens = prefill + 4 timed steps
     rows = summarise(results)
     assert rows[1]["skip_ratio"] == 0.5 and rows[1]["speedup"] is not None
+    assert rows[1]["cpu_ms_per_token"] is not None and rows[1]["cpu_speedup"] is not None
     assert rows[1]["ideal_speedup"] == pytest.approx(100 / 75)  # half of the 50 skippable bytes
     assert rows[1]["fraction_of_ideal"] == pytest.approx(rows[1]["speedup"] * 75 / 100)
 
@@ -370,3 +371,21 @@ def test_a_folder_that_is_no_export_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(bench.SkipToolError):
         bench.ExportPlan.of(tmp_path / "x", None)
+
+
+def test_bench_runs_onnx_exports_against_their_dense_export(tmp_path_factory):
+    from test_export import export_cache, tiny_export, tiny_model_dir
+
+    from skiptool.bench import BenchRequest, run_bench
+
+    base = export_cache(tmp_path_factory)  # the tiny exports test_export.py makes (4 layers, 1 and 2 skippable)
+    skip_dir, dense_dir = tiny_export(base, "static"), tiny_export(base, "dense")
+    report = run_bench(BenchRequest(model=str(tiny_model_dir(base)), onnx=[skip_dir, dense_dir], skip_ratios=[0.5],
+                                    new_tokens=5, repeats=1, prompt_tokens=8, threads=1, torch=False, peers=False))
+    runs = {r["label"]: r for r in report["runs"]}
+    assert list(runs) == ["onnxruntime fp32 dense", "onnxruntime fp32 skip static (skiptool graph)",
+                          "onnxruntime fp32 skip 50% forced (skiptool graph)"]
+    static, forced = list(runs.values())[1:]
+    assert static["skip_ratio"] == pytest.approx(1 / 4) and forced["skip_ratio"] == pytest.approx(2 / 4)
+    assert forced["speedup"] > 0 and forced["ideal_speedup"] > 1 and forced["fraction_of_ideal"] > 0
+    assert forced["settings"]["if_nodes"] == 2 and 0 < forced["settings"]["branch_weight_share"] < 1
