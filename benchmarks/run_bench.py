@@ -27,25 +27,21 @@ DEMO = "smollm2-135m"
 
 
 def export_ort_target(model: str, config: Path, quantize: str, out: Path) -> Path:
-    """``--target ort`` export (onnxruntime-genai's graph + an If per skippable FFN), reused when complete."""
+    """``skiptool export --target ort`` (onnxruntime-genai's graph + an If per skippable FFN), reused when complete."""
     if (out / "model.onnx").is_file() and (out / "genai_config.json").is_file():
         return out
-    from skiptool.config import load_config
-    from skiptool.exporters.ort_target import export_ort
-    from skiptool.models import load_model
-
-    hf_dir = load_model(model).model.config._name_or_path
-    print(f"+ export --target ort --quantize {quantize} -> {out}", flush=True)
-    export_ort(hf_dir, load_config(config), out, quantize=quantize, progress=print)
-    return out
+    return _export(["--target", "ort", "--config", str(config)], model, quantize, out)
 
 
 def export_standard(model: str, config: Path, quantize: str, out: Path, dense: bool) -> Path:
     """``skiptool export --format onnx`` (the standard-ops graph; ``--dense``: the same without any If)."""
     if (out / "skiptool_export.json").is_file():
         return out
-    cmd = ["skiptool", "export", model, "--format", "onnx", "--quantize", quantize, "-o", str(out)]
-    cmd += ["--dense"] if dense else ["--config", str(config)]
+    return _export(["--dense"] if dense else ["--config", str(config)], model, quantize, out)
+
+
+def _export(options: list[str], model: str, quantize: str, out: Path) -> Path:
+    cmd = ["skiptool", "export", model, "--format", "onnx", "--quantize", quantize, "-o", str(out), *options]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
