@@ -403,6 +403,8 @@ def eval_command(
     targets: str = typer.Option("0.05,0.10,0.15,0.25,0.40", "--targets", help="Skip ratios for --sweep."),
     curves: Optional[str] = typer.Option(None, "--curves", help="Sweep curves, comma-separated (default: "
                                          "cosine,random,static, plus router for a router config)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Calibration blocks the sweep "
+                                                "refits on (default: as many as the config was calibrated on)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for eval.json (and the sweep); "
                                           "default with --sweep: the config's directory."),
     router_threshold: Optional[float] = typer.Option(None, "--router-threshold", min=0.0, max=1.0,
@@ -434,7 +436,8 @@ def eval_command(
     with _phase_progress() as progress:
         result = evaluate(lm.model, lm.adapter, lm.tokenizer, skip_config, spec, samples, seq_len,
                           sweep_targets=sweep_targets, curves=_sweep_curves(curves, skip_config),
-                          out_dir=out, plot=plot_sweep, router_threshold=router_threshold, progress=progress)
+                          out_dir=out, plot=plot_sweep, router_threshold=router_threshold,
+                          calibration_samples=calib_samples, progress=progress)
     if as_json:
         _print_json(result.to_dict())
         return

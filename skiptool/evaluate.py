@@ -112,7 +112,8 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
              sweep_targets: Sequence[float] | None = None,
              curves: Sequence[str | tuple[str, CurveFactory]] = DEFAULT_CURVES,
              out_dir: str | Path | None = None, plot: Callable[[dict[str, Any], Path], Any] | None = None,
-             router_threshold: float | None = None, progress: Progress | None = None) -> EvalResult:
+             router_threshold: float | None = None, calibration_samples: int | None = None,
+             progress: Progress | None = None) -> EvalResult:
     """Perplexity dense vs `config` on `data` (and, with `sweep_targets`, a sweep); optionally write `out_dir`."""
     config.check_matches(model)
     blocks = token_blocks(tokenizer, data, seq_len, samples)
@@ -125,7 +126,7 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
                         int(blocks.shape[0]), int(blocks.shape[1]),
                         {"source": data.source, "part": list(data.part), "field": data.field, "split": data.split})
     if sweep_targets:
-        ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress)
+        ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress, calibration_samples)
         result.sweep = {**run_sweep(ctx, sweep_targets, curves), "data": result.data}
     if out_dir is not None:
         result.paths = write_eval(result, out_dir, plot)
@@ -165,6 +166,7 @@ class SweepContext:
     dense_nll: Tensor
     batch_size: int = 1
     progress: Progress | None = None
+    calibration_samples: int | None = None  # None: as many blocks as the config was calibrated on
 
     @property
     def num_layers(self) -> int:
@@ -187,7 +189,7 @@ class SweepContext:
         from .calibration.fit import data_spec_from_config
 
         spec, samples, seq_len = data_spec_from_config(self.config)
-        return token_blocks(self.tokenizer, spec, seq_len, samples)
+        return token_blocks(self.tokenizer, spec, seq_len, self.calibration_samples or samples)
 
     @cached_property
     def calibration_stats(self) -> Any:
@@ -269,10 +271,12 @@ def cosine_curve(ctx: SweepContext, target: float) -> Candidate:
     # the same share of the eligible pairs on the calibration blocks (their length may differ)
     calib_target = target * ctx.eligible_fraction(int(blocks.shape[1])) / ctx.eligible_fraction()
     greedy_k = int(cfg.policy.params.get("greedy_k", 1)) if cfg.policy.kind == "cosine" else 1
-    try:
+    progress = ctx.progress
+    try:  # the x-axis is the ratio realised on the evaluation tokens, so a looser fit (fewer runs) will do
         fit = fit_cosine(ctx.model, ctx.adapter, blocks, stats, calib_target, cfg.skippable_layers, greedy_k,
-                         cfg.metadata.get("threshold_mode", "per-layer"),
-                         progress=ctx.progress and (lambda label, d, n: ctx.progress(f"cosine @ {target:.2f}: {label}", d, n)))
+                         cfg.metadata.get("threshold_mode", "per-layer"), tolerance=0.01, max_runs=3,
+                         progress=None if progress is None else
+                         (lambda label, d, n: progress(f"cosine @ {target:.2f}: {label}", d, n)))
     except SkipToolError:
         return None
     return CosineGreedy(ctx.num_layers, cfg.skippable_layers, cfg.warmup, fit.thresholds, fit.greedy_k)
