@@ -182,6 +182,29 @@ def add_optional_skip_mask(model: onnx.ModelProto, num_layers: int) -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.zeros(num_layers, dtype=np.int64), SKIP_MASK))
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Store transposed copies of weights that the graph would otherwise transpose at every run.
+
+    A tied LM head (``lm_head.weight`` is the embedding table, read by ``Gather`` too) is exported as
+    ``MatMul(x, Transpose(W))``; ONNX Runtime keeps that ``Transpose`` of the whole table in every
+    decode step. Returns how many were folded.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    folded = [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    for node in folded:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        array = numpy_helper.to_array(inits[node.input[0]])
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)),
+                                                               node.output[0]))
+        model.graph.node.remove(node)
+    used = {i for n, _ in iter_nodes(model.graph) for i in n.input}
+    for name in {n.input[0] for n in folded} - used:  # an untied weight now lives only transposed
+        model.graph.initializer.remove(inits[name])
+    return len(folded)
+
+
 def check_graph(model: onnx.ModelProto, expected_ifs: int) -> int:
     """The exporter's self-check: one ``If`` per skippable layer, none nested. Returns the count."""
     top = sum(1 for n in model.graph.node if n.op_type == "If")
@@ -275,6 +298,7 @@ def _export_into(lm: Any, config: SkipConfig, dense: bool, fmt: str, quantize: s
         expected = len(runtime.policy.skippable_layers)
         if_count = check_graph(proto, expected)
         add_optional_skip_mask(proto, runtime.controller.stats.num_layers)
+        fold_weight_transposes(proto)
         _set_metadata(proto, config, dense)
         say("saving and checking the graph")
         graph = (scratch if quantize != "none" else tmp) / MODEL_FILE

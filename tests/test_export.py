@@ -310,3 +310,25 @@ def test_cli_export_with_a_config_for_another_model_is_one_line_error(base, tmp_
 def test_cli_export_needs_a_config_or_dense(base, tmp_path):
     result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "-o", str(tmp_path / "out")])
     assert "--dense" in _one_line_error(result)
+
+
+def test_a_tied_lm_head_is_not_transposed_at_every_run():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from skiptool.exporters.onnx import fold_weight_transposes
+
+    table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["h"]),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "Wt"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 10])],
+                              [numpy_helper.from_array(table, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    ids = np.array([1, 4, 7])
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    assert fold_weight_transposes(model) == 1
+    assert not any(n.op_type == "Transpose" for n in model.graph.node)
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(after, before)

@@ -87,11 +87,12 @@ def demo_export(demo, tmp_path_factory) -> Path:
     from skiptool.config import dense_config
     from skiptool.exporters.onnx import export
 
-    base = tmp_path_factory.getbasetemp() / "demo-export"
-    base.mkdir(exist_ok=True)
-    config = dense_config(demo.model, "smollm2-135m").with_policy("static", skip_layers=[8]).save(base)
+    base = export_cache(tmp_path_factory) / "demo-export"
     out = base / "out"
-    export("smollm2-135m", out, config, parity_steps=32)
+    if not (out / "skiptool_export.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        config = dense_config(demo.model, "smollm2-135m").with_policy("static", skip_layers=[8]).save(base)
+        export("smollm2-135m", out, config, parity_steps=32)
     return out
 
 
@@ -133,3 +134,18 @@ def test_cli_eval_onnx_compares_the_graph_with_itself_forced_dense(base, tmp_pat
     assert report["ppl_dense"] == pytest.approx(dense, rel=1e-4)
     assert report["skip_ratio"] > 0 and report["ppl_skip"] != report["ppl_dense"]
     assert report["per_layer_skip_ratio"][2] > 0 and report["per_layer_skip_ratio"][0] == 0
+
+
+def test_onnxruntime_genai_loads_the_export_and_generates_the_same_tokens(base):
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tiny_export(base, "static")
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([PROMPT], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    genai_tokens = list(generator.get_sequence(0))[len(PROMPT):]
+    ours = greedy_decode(OrtBackend(out), PROMPT, new_tokens=10)
+    assert genai_tokens == ours.token_ids and ours.skip_ratio > 0
