@@ -191,21 +191,34 @@ class _quiet_exporter:
 
 
 # -- graph surgery ------------------------------------------------------------------------------------
-def _splice(graph: Any, sub: Any, inputs: dict[str, str], outputs: dict[str, str], prefix: str) -> None:
-    """Copy `sub`'s nodes and initializers into `graph`, wiring its inputs/outputs to the given names."""
+def _splice(graph: Any, sub: Any, inputs: dict[str, str], outputs: dict[str, str], prefix: str,
+            shape_proxy: str | None = None) -> None:
+    """Copy `sub`'s nodes and initializers into `graph`, wiring its inputs/outputs to the given names.
+
+    So that ONNX Runtime's common-subexpression elimination can share the layer-independent part of the
+    per-layer policy graphs, small constants are named by content, and an input that is only read by
+    ``Shape`` is wired to `shape_proxy` (a value of the same shape, the same for every layer).
+    """
+    missing = [i.name for i in sub.graph.input if i.name not in inputs and _is_used(sub.graph, i.name)]
+    if missing:
+        raise SkipToolError(f"policy graph needs inputs the ORT graph does not provide: {missing}")
+    if shape_proxy is not None:
+        inputs = {k: shape_proxy if _only_shape_read(sub.graph, k) else v for k, v in inputs.items()}
     rename = {**inputs, **outputs}
+    existing = {i.name for i in graph.initializer}
+    for init in sub.graph.initializer:
+        shared = _shared_constant_name(init)
+        rename[init.name] = shared or f"{prefix}/{init.name}"
+        if rename[init.name] in existing:
+            continue
+        t = type(init)()
+        t.CopyFrom(init)
+        t.name = rename[init.name]
+        graph.initializer.append(t)
 
     def name(v: str) -> str:
         return v if not v else rename.get(v, f"{prefix}/{v}")
 
-    missing = [i.name for i in sub.graph.input if i.name not in inputs and _is_used(sub.graph, i.name)]
-    if missing:
-        raise SkipToolError(f"policy graph needs inputs the ORT graph does not provide: {missing}")
-    for init in sub.graph.initializer:
-        t = type(init)()
-        t.CopyFrom(init)
-        t.name = name(init.name)
-        graph.initializer.append(t)
     for n in _legalize_for_ort(sub):
         new = graph.node.add()
         new.CopyFrom(n)
@@ -221,6 +234,24 @@ def _splice(graph: Any, sub: Any, inputs: dict[str, str], outputs: dict[str, str
             node.op_type, node.name = "Identity", f"{prefix}/{out.name}_identity"
             node.input.append(name(out.name) if out.name not in inputs else inputs[out.name])
             node.output.append(outputs[out.name])
+
+
+def _only_shape_read(graph: Any, value: str) -> bool:
+    readers = [n for n in graph.node if value in n.input]
+    return bool(readers) and all(n.op_type == "Shape" for n in readers) and value not in {o.name for o in graph.output}
+
+
+def _shared_constant_name(init: Any) -> str | None:
+    """A content-derived name for a small constant (None for weights, which stay per layer)."""
+    import hashlib
+
+    if init.data_location == 1 or init.ByteSize() > 256:
+        return None
+    anonymous = type(init)()
+    anonymous.CopyFrom(init)
+    anonymous.name = ""
+    key = anonymous.SerializeToString(deterministic=True)
+    return f"{DECISION_PREFIX}/const/{hashlib.sha1(key).hexdigest()[:16]}"
 
 
 def _legalize_for_ort(sub: Any) -> list[Any]:
@@ -381,7 +412,7 @@ def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False)
                 args["state"], names["state"] = policy.init_state(h), state
             sub = _export_small(_Decide(policy, t.layer), args, ["cond", "skip"], opset)
             cond, skip_name = f"{pre}/cond", f"{pre}/skip"
-            _splice(g, sub, names, {"cond": cond, "skip": skip_name}, f"{pre}/decide")
+            _splice(g, sub, names, {"cond": cond, "skip": skip_name}, f"{pre}/decide", shape_proxy=taps[0].h_in)
             _wrap_ffn(g, t, cond, skip_name, io_dtype)
             if decision_outputs:
                 g.node.append(helper.make_node("Identity", [skip_name], [f"skip_decision.{t.layer}"]))
