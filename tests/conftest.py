@@ -25,12 +25,15 @@ def tiny_llama(num_layers: int = 6, hidden: int = 32, intermediate: int = 64, vo
     return model
 
 
-def save_tiny_model_dir(path: Path, model_type: str = "llama", num_layers: int = 6) -> Path:
-    """Save a tiny random model with a small word-level tokenizer as a local Hugging Face directory."""
+def save_tiny_model_dir(path: Path, model_type: str = "llama", num_layers: int = 6, **shape: int) -> Path:
+    """Save a tiny random model with a small word-level tokenizer as a local Hugging Face directory.
+
+    `shape` passes ``hidden`` / ``intermediate`` / ``vocab`` on to :func:`tiny_llama`.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_llama(num_layers=num_layers, model_type=model_type)
+    model = tiny_llama(num_layers=num_layers, model_type=model_type, **shape)
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(model.config.vocab_size - 3)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

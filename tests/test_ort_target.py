@@ -25,29 +25,17 @@ from skiptool.exporters import ort_target as ot  # noqa: E402
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask  # noqa: E402
 from skiptool.runtime import skipping  # noqa: E402
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import save_tiny_model_dir  # noqa: E402
 
 LAYERS, SKIPPABLE, WARMUP, HIDDEN = 6, [1, 2, 3, 4], 3, 64  # GroupQueryAttention on CPU needs head_size % 16 == 0
 DECODE_STEPS = 32
 
 
-def _save_tiny(path: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_llama(num_layers=LAYERS, hidden=HIDDEN, intermediate=160)  # != vocab: the builder mistakes a [vocab, hidden] Linear for the LM head
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(model.config.vocab_size - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model.save_pretrained(str(path))
-    fast.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("tiny-ort-hf"))
+    # intermediate != vocab: the model builder mistakes any [vocab, hidden] Linear for the LM head
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-ort-hf"), num_layers=LAYERS, hidden=HIDDEN,
+                               intermediate=160)
 
 
 @pytest.fixture(scope="module")
