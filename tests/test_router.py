@@ -193,6 +193,21 @@ def test_generate_runs_with_a_trained_router_config(trained, tiny_model_dir):
     assert "policy router" in result.output
 
 
+def test_eval_sweep_adds_the_router_curve_for_a_router_config(trained, tiny_model_dir, tmp_path):
+    out, _ = trained
+    text = out.parent / "text.txt"
+    result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--config", str(out), "--data", str(text),
+                                      "--part", "0:1", "--samples", "3", "--seq-len", "32", "--sweep",
+                                      "--targets", "0.1,0.2", "--curves", "router,random", "-o", str(tmp_path),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    points = json.loads(result.stdout)["sweep"]["curves"]["router"]
+    assert [p["target"] for p in points] == [0.1, 0.2]
+    # the threshold is refitted on the calibration blocks; a tiny random model's router logits shift a lot
+    # between blocks, so only the order and a non-zero ratio are checked here
+    assert 0 < points[0]["skip_ratio"] < points[1]["skip_ratio"]
+
+
 @pytest.mark.parametrize("damage", ["missing", "wrong_layers", "wrong_hidden"])
 def test_a_config_with_a_missing_or_mismatched_router_file_is_one_error_line(trained, tiny_model_dir, tmp_path,
                                                                           damage):
