@@ -263,13 +263,16 @@ def _one_line_error(result) -> str:
     return result.output.strip()
 
 
-def test_cli_export_prints_if_count_and_parity_then_generate_runs_it(base, tmp_path):
+def test_cli_int4_export_prints_if_count_and_parity_then_generate_runs_it(base, tmp_path):
     out = tmp_path / "cli-export"
     result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(tiny_config(base, "static")),
-                                 "-o", str(out), "--parity-steps", "4", "--json"])
+                                 "-o", str(out), "--parity-steps", "4", "--quantize", "int4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["if_count"] == len(SKIPPABLE) and report["parity"]["graph"]["decisions_match"]
+    assert report["if_count"] == len(SKIPPABLE) and report["parity"]["graph"]["ok_fp32_tolerance"]
+    assert report["quantized_ops_in_branches"] == 3 * len(SKIPPABLE)
+    assert report["parity"]["quantized"]["decisions_match"] and report["parity"]["quantized"]["max_abs_logits"] < 0.5
+    assert json.loads((out / "skiptool_export.json").read_text())["precision"] == "int4"
     gen = runner.invoke(app, ["generate", "--onnx", str(out), "--prompt", "w1 w2 w3 w4 w5 w6", "--raw", "-n", "8"])
     assert gen.exit_code == 0, gen.output
     assert "tokens/s decode (ONNX Runtime)" in gen.output and "FFN skip ratio" in gen.output
