@@ -298,6 +298,73 @@ def bench(
 
 
 # ------------------------------------------------------------------------------------------------
+# train-router
+# ------------------------------------------------------------------------------------------------
+@command("train-router")
+def train_router(
+    model: str = ModelArg,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config whose cold layers and warm-up "
+                                          "to reuse (default: cold 2/2, warm-up 32)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for router.safetensors and skip_config.json."),
+    data: str = typer.Option("builtin:wikitext2-sample", "--data", help="Training text: file, HF dataset or builtin."),
+    part: str = typer.Option("0:0.5", "--part", help="Fractions START:END of the text to train on."),
+    target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=0.99,
+                                      help="Realised share of all FFN blocks to skip (all layers and positions)."),
+    steps: int = typer.Option(40, "--steps", min=0),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    seq_len: int = typer.Option(512, "--seq-len", min=2),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Fixed probability threshold (default: refit to the target)."),
+    estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste or gumbel."),
+    penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Train DiffSkip routers (LLM frozen) to a target skip ratio; writes a router skip config."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .calibration.router_train import ESTIMATORS, RouterTrainSettings, run_train_router
+    from .data import DataSpec, parse_part
+
+    if estimator not in ESTIMATORS:
+        raise SkipToolError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise SkipToolError("--threshold must be a probability strictly between 0 and 1")
+    settings = RouterTrainSettings(target_skip=target_skip, steps=steps, lr=lr, seq_len=seq_len,
+                                   batch_size=batch_size, penalty=penalty, estimator=estimator, threshold=threshold,
+                                   seed=seed, device=device)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("train routers", total=steps, info="")
+
+        def on_step(step: int, r: dict[str, float]) -> None:
+            progress.update(task, completed=step, info=f"loss {r['loss']:.4f} kl {r['kl']:.4f} "
+                                                      f"skip {r['skip_ratio']:.1%}")
+
+        result = run_train_router(model, config, DataSpec(source=data, part=parse_part(part)), output, settings,
+                                  on_step)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    d, cost = result.to_dict(), result.cost
+    table = Table(title=f"routers: {result.config_path}", show_header=False)
+    table.add_row("router weights", str(result.router_path))
+    table.add_row("threshold (probability)", f"{d['threshold']:.4f}")
+    table.add_row("held-out realised skip ratio", f"{d['heldout_skip_ratio']:.1%} (target {target_skip:.0%})")
+    table.add_row("held-out perplexity dense / router", f"{d['dense_heldout_perplexity']:.2f} / "
+                                                        f"{d['heldout_perplexity']:.2f} ({d['perplexity_ratio']:.3f}x)")
+    table.add_row("router params per layer (vs FFN)", f"{cost['router_params_per_layer']:,} "
+                                                      f"({cost['param_share']:.3%} of {cost['ffn_params_per_layer']:,})")
+    table.add_row("router FLOPs per token (vs FFN)", f"{cost['router_flops_per_token']:,} "
+                                                     f"({cost['flop_share']:.3%} of {cost['ffn_flops_per_token']:,})")
+    table.add_row("training time", f"{result.seconds:.0f} s")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------
 # calibrate / eval
 # ------------------------------------------------------------------------------------------------
 DataOpt = typer.Option("builtin:wikitext2-sample", "--data", help="Text file, JSONL file, HF dataset name, or the "
@@ -477,73 +544,6 @@ def _sweep_cell(point: dict[str, Any]) -> str:
     if point.get("ppl") is None:
         return "out of reach"
     return f"{point['ppl']:.2f} @ {point['skip_ratio']:.1%}"
-
-
-# ------------------------------------------------------------------------------------------------
-# train-router
-# ------------------------------------------------------------------------------------------------
-@command("train-router")
-def train_router(
-    model: str = ModelArg,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config whose cold layers and warm-up "
-                                          "to reuse (default: cold 2/2, warm-up 32)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for router.safetensors and skip_config.json."),
-    data: str = typer.Option("builtin:wikitext2-sample", "--data", help="Training text: file, HF dataset or builtin."),
-    part: str = typer.Option("0:0.5", "--part", help="Fractions START:END of the text to train on."),
-    target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=0.99,
-                                      help="Realised share of all FFN blocks to skip (all layers and positions)."),
-    steps: int = typer.Option(40, "--steps", min=0),
-    lr: float = typer.Option(2e-3, "--lr", min=0.0),
-    seq_len: int = typer.Option(512, "--seq-len", min=2),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
-                                              help="Fixed probability threshold (default: refit to the target)."),
-    estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste or gumbel."),
-    penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
-    """Train DiffSkip routers (LLM frozen) to a target skip ratio; writes a router skip config."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .calibration.router_train import ESTIMATORS, RouterTrainSettings, run_train_router
-    from .data import DataSpec, parse_part
-
-    if estimator not in ESTIMATORS:
-        raise SkipToolError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise SkipToolError("--threshold must be a probability strictly between 0 and 1")
-    settings = RouterTrainSettings(target_skip=target_skip, steps=steps, lr=lr, seq_len=seq_len,
-                                   batch_size=batch_size, penalty=penalty, estimator=estimator, threshold=threshold,
-                                   seed=seed, device=device)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("train routers", total=steps, info="")
-
-        def on_step(step: int, r: dict[str, float]) -> None:
-            progress.update(task, completed=step, info=f"loss {r['loss']:.4f} kl {r['kl']:.4f} "
-                                                      f"skip {r['skip_ratio']:.1%}")
-
-        result = run_train_router(model, config, DataSpec(source=data, part=parse_part(part)), output, settings,
-                                  on_step)
-    if as_json:
-        _print_json(result.to_dict())
-        return
-    d, cost = result.to_dict(), result.cost
-    table = Table(title=f"routers: {result.config_path}", show_header=False)
-    table.add_row("router weights", str(result.router_path))
-    table.add_row("threshold (probability)", f"{d['threshold']:.4f}")
-    table.add_row("held-out realised skip ratio", f"{d['heldout_skip_ratio']:.1%} (target {target_skip:.0%})")
-    table.add_row("held-out perplexity dense / router", f"{d['dense_heldout_perplexity']:.2f} / "
-                                                        f"{d['heldout_perplexity']:.2f} ({d['perplexity_ratio']:.3f}x)")
-    table.add_row("router params per layer (vs FFN)", f"{cost['router_params_per_layer']:,} "
-                                                      f"({cost['param_share']:.3%} of {cost['ffn_params_per_layer']:,})")
-    table.add_row("router FLOPs per token (vs FFN)", f"{cost['router_flops_per_token']:,} "
-                                                     f"({cost['flop_share']:.3%} of {cost['ffn_flops_per_token']:,})")
-    table.add_row("training time", f"{result.seconds:.0f} s")
-    console.print(table)
 
 
 # ------------------------------------------------------------------------------------------------
