@@ -32,16 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..config import CONFIG_FILENAME, SkipConfig, dense_config
+from ..config import CONFIG_FILENAME, ArtifactRef, SkipConfig, dense_config
 from ..data import DataSpec, token_blocks
 from ..errors import SkipToolError
 from ..fileio import atomic_directory, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals
 from ..runtime import SkipStats, skipping
+from ..standins import StandIns
 from .collect import LayerStats, collect_layer_stats, run_blocks
+from .standin_fit import fit_standins
 
 STATS_FILENAME = "layer_stats.json"
 PLOT_FILENAME = "layer_stats.png"
+STANDIN_FILENAME = "standin.safetensors"
 THRESHOLD_MODES = ("per-layer", "global")
 COLD_RULE = "layer 0 and the last layer, growing inward while mean saturation has robust z < -3 (max 1/4 each end)"
 PhaseProgress = Callable[[str, int, int], Any]
@@ -215,6 +218,7 @@ class CalibrationSettings:
     threshold_mode: str = "per-layer"
     tolerance: float = 0.005
     batch_size: int = 4
+    standin_rank: int = 0  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs
 
 
 @dataclass
@@ -225,6 +229,7 @@ class CalibrationResult:
     stats: LayerStats
     fit: CosineFit
     paths: list[Path] = field(default_factory=list)
+    standins: StandIns | None = None
 
     def layer_stats_json(self) -> dict[str, Any]:
         """``layer_stats.json``: per-layer statistics, cold regions, thresholds and realised skip ratios."""
@@ -262,7 +267,11 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
                      settings.threshold_mode, settings.tolerance, batch_size=settings.batch_size, progress=progress)
     config = base.evolve(target_skip=settings.target_skip, metadata=_metadata(settings, data, fit, blocks)).with_policy(
         "cosine", thresholds=fit.thresholds, greedy_k=fit.greedy_k)
-    result = CalibrationResult(config, stats, fit)
+    standins = None
+    if settings.standin_rank > 0:
+        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin_rank, settings.warmup)
+        config = config.evolve(standin=ArtifactRef(STANDIN_FILENAME, settings.standin_rank))
+    result = CalibrationResult(config, stats, fit, standins=standins)
     if out_dir is not None:
         result.paths = write_calibration(result, out_dir, plot)
     return result
@@ -276,9 +285,12 @@ def write_calibration(result: CalibrationResult, out_dir: str | Path,
     with atomic_directory(out) as tmp:
         result.config.save(tmp / CONFIG_FILENAME)
         write_json_atomic(tmp / STATS_FILENAME, stats_json)
+        if result.standins is not None:
+            result.standins.save(tmp / STANDIN_FILENAME)
         if plot is not None:
             plot(stats_json, tmp / PLOT_FILENAME)
     names = [CONFIG_FILENAME, STATS_FILENAME] + ([PLOT_FILENAME] if plot is not None else [])
+    names += [STANDIN_FILENAME] if result.standins is not None else []
     return [out / n for n in names]
 
 
@@ -297,6 +309,8 @@ def check_output_dir(path: str | Path) -> None:
 def _check_settings(s: CalibrationSettings) -> None:
     if not 0 < s.target_skip < 1:
         raise SkipToolError(f"--target-skip must be in (0, 1), got {s.target_skip}")
+    if s.standin_rank < 0:
+        raise SkipToolError(f"--stand-in rank must be >= 0, got {s.standin_rank}")
     if s.samples < 1:
         raise SkipToolError("--samples must be at least 1")
     if s.warmup >= s.seq_len:

@@ -416,6 +416,8 @@ def calibrate(
     cold_end: Optional[int] = typer.Option(None, "--cold-end", help="Layers at the end that never skip "
                                            "(default: chosen from the statistics)."),
     threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles."),
+    stand_in: int = typer.Option(0, "--stand-in", min=0, help="Rank of closed-form low-rank stand-ins that replace "
+                                 "skipped FFNs (0 = none; 16 recommended)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the layer statistics as JSON instead of a table."),
 ) -> None:
@@ -427,7 +429,7 @@ def calibrate(
     spec = _data_spec(data, field, split, part)
     settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len, warmup=warmup,
                                    greedy_k=greedy_k, cold_start=cold_start, cold_end=cold_end,
-                                   threshold_mode=threshold_mode)
+                                   threshold_mode=threshold_mode, standin_rank=stand_in)
     lm = load_model(model, device=device)
     with _phase_progress() as progress:
         result = run_calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings, output, source=model,

@@ -212,6 +212,23 @@ def test_calibrate_writes_a_loadable_config_statistics_and_plot(tiny_model_dir, 
                                                                    "skip_config.json"]
 
 
+def test_calibrate_with_stand_in_writes_the_weights_the_config_names(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from skiptool.cli import app
+    from skiptool.runtime import load_standins
+
+    text = word_text(tmp_path / "words.txt")
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_model_dir), "--data", str(text), "--samples", "3",
+                                      "--seq-len", "24", "--warmup", "4", "--stand-in", "4", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    config = load_config(tmp_path / "o")
+    assert config.standin is not None and config.standin.rank == 4
+    standins = load_standins(config)
+    assert standins.layers == config.skippable_layers
+    assert any(p.abs().sum() > 0 for p in standins.parameters())
+
+
 # -- the command line: errors are one line, exit 1, and leave no output behind ----------------------
 def _calibrate_cli(model_dir, data, out, *extra):
     from typer.testing import CliRunner

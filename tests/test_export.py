@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from skiptool.config import ArtifactRef, dense_config, load_config
 from skiptool.errors import ConfigError
 from skiptool.models import load_model
 from skiptool.policies import Routers
+from skiptool.standins import StandIns
 
 LAYERS = 4
 SKIPPABLE = [1, 2]
@@ -55,6 +57,14 @@ def tiny_config(base: Path, kind: str) -> Path:
             lin.weight.data = torch.randn(lin.weight.shape, generator=g)
         routers.save(folder / "router.safetensors")
         cfg = cfg.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5)
+    elif kind == "router+standin":
+        cfg = load_config(tiny_config(base, "router"))
+        standins = StandIns(model.config.hidden_size, 4, SKIPPABLE)
+        for p in standins.parameters():
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.1
+        standins.save(folder / "standin.safetensors")
+        shutil.copy(base / "config-router" / "router.safetensors", folder / "router.safetensors")
+        cfg = cfg.evolve(standin=ArtifactRef("standin.safetensors", rank=4), base_dir=None)
     elif kind == "random":
         cfg = cfg.with_policy("random", rate=0.5)
     return cfg.save(folder)
@@ -132,7 +142,7 @@ def test_io_names_follow_optimum_and_skip_mask_is_optional(base):
     assert past.shape[0] == "batch_size" and past.shape[2] == "past_sequence_length"
 
 
-@pytest.mark.parametrize("kind", ["static", "cosine", "router"])
+@pytest.mark.parametrize("kind", ["static", "cosine", "router", "router+standin"])
 def test_ort_matches_the_pytorch_skip_runtime_for_each_policy(base, kind):
     parity = report_of(tiny_export(base, kind))["parity"]["graph"]
     assert parity["steps"] >= 32 and parity["prompt_tokens"] > WARMUP
