@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import SkipToolError
+from .errors import ConfigError, SkipToolError
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -80,3 +80,26 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 os.replace(item, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors_atomic(target: str | Path, tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
+    """Write tensors (with string metadata) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(target, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(target)
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing or unreadable file is a :class:`ConfigError` naming `what`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
+        raise ConfigError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import SkipConfig
 from .errors import ConfigError
+from .fileio import read_safetensors, save_safetensors_atomic
 
 FORCE_SKIP = 1
 FORCE_COMPUTE = -1
@@ -179,31 +180,15 @@ class Routers(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the weights atomically as safetensors."""
-        from safetensors.torch import save_file
-
-        from .fileio import atomic_path
-
         tensors = {f"layers.{i}.{n}": p.detach().cpu().contiguous()
                    for i, lin in self.linears.items() for n, p in lin.named_parameters()}
-        with atomic_path(path, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"hidden_size": str(self.hidden_size),
-                                                   "layers": ",".join(map(str, self.layers))})
-        return Path(path)
+        return save_safetensors_atomic(path, tensors, {"hidden_size": str(self.hidden_size),
+                                                       "layers": ",".join(map(str, self.layers))})
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, layers: list[int]) -> "Routers":
         """Read router weights, refusing files that do not match the model's hidden size and layers."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"router weights not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"cannot read router weights {path}: {str(exc).splitlines()[0]}") from None
+        tensors, meta = read_safetensors(path, "router weights")
         file_layers = [int(i) for i in meta.get("layers", "").split(",") if i]
         if int(meta.get("hidden_size", -1)) != hidden_size or file_layers != list(layers):
             raise ConfigError(f"router weights {path} do not match the model: hidden size {meta.get('hidden_size')} "

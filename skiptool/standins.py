@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .fileio import read_safetensors, save_safetensors_atomic
 
 
 class LowRankStandIn(nn.Module):
@@ -58,28 +59,16 @@ class StandIns(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write atomically as safetensors with the shape metadata that :meth:`load` checks."""
-        from safetensors.torch import save_file
-
-        from .fileio import atomic_path
-
         tensors = {f"layers.{k}": v.detach().cpu().contiguous() for k, v in self.maps.state_dict().items()}
         meta = {"hidden_size": str(self.hidden_size), "rank": str(self.rank_), "layers": ",".join(map(str, self.layers))}
-        with atomic_path(path, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return Path(path)
+        return save_safetensors_atomic(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, layers: list[int], rank: int | None = None) -> "StandIns":
         """Read stand-ins, refusing a file made for another hidden size, rank or set of layers."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"stand-in weights not found: {path}")
+        raw, meta = read_safetensors(path, "stand-in weights")
+        tensors = {k.split(".", 1)[1]: v for k, v in raw.items()}
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys()}
             file_rank = int(meta["rank"])
             file_hidden = int(meta["hidden_size"])
             file_layers = [int(i) for i in meta["layers"].split(",") if i]
