@@ -1,0 +1,48 @@
+"""`skiptool bench`: decode speed of skipping against dense, against the ideal, and against peer runtimes.
+
+Every run is a :class:`RunSpec` — a backend factory plus what the run is (backend, mode, precision,
+forced ratio) and the weight bytes it reads per token (:class:`IdealBasis`). :func:`measure` builds
+all backends first, then decodes the same prompts with each, round-robin over the repetitions so that
+machine noise hits every run alike; the warm-up repetitions are dropped. :func:`summarise` turns the
+timings into medians (min–max), latency percentiles, speedups over the dense run of the same backend
+and precision, and those speedups as a fraction of the ideal one.
+
+The ideal comes from bytes, not from a formula about the model: decoding is bound by reading the
+weights, so a run that reads ``b`` bytes per token where the dense run reads ``d`` can be at best
+``d / b`` times faster. For PyTorch the bytes are the model's own (:func:`skiptool.info.decode_weight_bytes`)
+plus the policy's (routers); for ONNX they are the initializers of the graph that runs (:func:`onnx_graph_bytes`),
+so an int4 graph gets its own ideal.
+
+The parts, lower first (each imports only those listed before it; `plans` names `BenchRequest` for type
+checking only):
+
+- :mod:`.ideal` — the arithmetic: percentiles, forced masks, :class:`IdealBasis`, ONNX graph bytes and precision;
+- :mod:`.harness` — :class:`RunSpec`, :class:`RunResult`, :class:`Measurement` and the round-robin :func:`measure`;
+- :mod:`.plans` — which runs to make: PyTorch, ONNX Runtime exports, peers (:func:`plan_runs`);
+- :mod:`.report` — :func:`summarise`, the rich table, the PNG plot, the Markdown table;
+- :mod:`.run` — :class:`BenchRequest` and :func:`run_bench`, the whole benchmark.
+
+Everything public is re-exported here, so ``from skiptool.bench import ...`` is all a caller needs.
+"""
+
+from __future__ import annotations
+
+from ..errors import SkipToolError
+from .harness import (DEFAULT_NEW_TOKENS, MaskedView, Measurement, RunResult, RunSpec, backend_logits_fn,
+                      backend_perplexity, measure, peak_rss_mib, progress_steps, rss_mib, shared)
+from .ideal import (LOOKUP_INPUTS, GraphBytes, IdealBasis, forced_layers, forced_mask, fraction_of_ideal,
+                    median_min_max, onnx_graph_bytes, onnx_precision, percentile, tensor_nbytes)
+from .plans import (ExportPlan, export_variant_specs, genai_export_specs, gpu_notes, model_files, ort_export_specs,
+                    peer_specs, plan_runs, torch_specs)
+from .report import PEER_NAMES, bench_table, report_markdown, summarise, write_plot
+from .run import BenchRequest, bench_prompts, parse_ratios, run_bench
+
+__all__ = [
+    "BenchRequest", "DEFAULT_NEW_TOKENS", "ExportPlan", "GraphBytes", "IdealBasis", "LOOKUP_INPUTS", "MaskedView",
+    "Measurement", "PEER_NAMES", "RunResult", "RunSpec", "SkipToolError", "backend_logits_fn", "backend_perplexity",
+    "bench_prompts", "bench_table", "export_variant_specs", "forced_layers", "forced_mask", "fraction_of_ideal",
+    "genai_export_specs", "gpu_notes", "measure", "median_min_max", "model_files", "onnx_graph_bytes",
+    "onnx_precision", "ort_export_specs", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile", "plan_runs",
+    "progress_steps", "report_markdown", "rss_mib", "run_bench", "shared", "summarise", "tensor_nbytes",
+    "torch_specs", "write_plot",
+]

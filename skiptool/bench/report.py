@@ -1,0 +1,176 @@
+"""From measurements to what people read: :func:`summarise` (one JSON-ready row per run with medians,
+percentiles, speedup and fraction of ideal), the rich table, the PNG plot and the README's Markdown table.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .harness import RunResult
+from .ideal import fraction_of_ideal, median_min_max, percentile
+
+
+def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One JSON-ready row per run: medians with min–max, percentiles, skip ratio, speedup, fraction of ideal."""
+    rows = [_row(r) for r in results]
+    dense = {(r["backend"], r["precision"]): r for r in rows if r["mode"] == "dense" and r["tokens_per_s"]}
+    for row, result in zip(rows, results):
+        base = dense.get((row["backend"], row["precision"]))
+        if row["mode"] != "skip" or base is None or not row["tokens_per_s"]:
+            continue
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if row["cpu_ms_per_token"] and base["cpu_ms_per_token"]:
+            row["cpu_speedup"] = base["cpu_ms_per_token"] / row["cpu_ms_per_token"]
+        if result.ideal_basis is not None and row["skip_ratio"] is not None and not math.isnan(row["skip_ratio"]):
+            row["ideal_speedup"] = result.ideal_basis.speedup(row["skip_ratio"])
+            row["fraction_of_ideal"] = fraction_of_ideal(row["speedup"], row["ideal_speedup"])
+            if row["cpu_speedup"] is not None:
+                row["cpu_fraction_of_ideal"] = fraction_of_ideal(row["cpu_speedup"], row["ideal_speedup"])
+            row["ideal_tokens_per_s"] = base["tokens_per_s"] * row["ideal_speedup"]
+    return rows
+
+
+def _row(r: RunResult) -> dict[str, Any]:
+    s = r.spec
+    status = "ok" if r.error is None and s.skipped is None else (s.skipped or r.error)
+    tps, tps_min, tps_max = median_min_max(r.tokens_per_s)
+    skip = statistics.fmean(r.skip_ratios) if r.skip_ratios and not any(map(math.isnan, r.skip_ratios)) else None
+    row: dict[str, Any] = {
+        "label": s.label, "backend": s.backend, "mode": s.mode, "precision": s.precision, "policy": s.policy,
+        "status": status, "forced_ratio": s.forced_ratio,
+        "tokens_per_s": None if math.isnan(tps) else tps,
+        "tokens_per_s_min": None if math.isnan(tps_min) else tps_min,
+        "tokens_per_s_max": None if math.isnan(tps_max) else tps_max,
+        "tokens_per_s_runs": list(r.tokens_per_s),
+        "latency_ms_p50": _ms(percentile(r.step_s, 50)), "latency_ms_p90": _ms(percentile(r.step_s, 90)),
+        "prefill_ms": _ms(median_min_max(r.prefill_s)[0]),
+        "skip_ratio": 0.0 if s.mode == "dense" and r.tokens_per_s else skip,
+        "per_layer_skip": r.per_layer_skip,
+        "ffn_calls": r.ffn_calls, "ffn_calls_avoided": r.ffn_calls_avoided,
+        "speedup": None, "ideal_speedup": None, "fraction_of_ideal": None, "ideal_tokens_per_s": None,
+        # process CPU time per generated token (prefill included): less sensitive to other processes than
+        # wall time when nothing spins (ORT with --spin off, one thread); with spinning it counts the spin
+        "cpu_ms_per_token": _nan_none(median_min_max(r.cpu_ms_per_token)[0]),
+        "cpu_speedup": None, "cpu_fraction_of_ideal": None,
+        "memory": {"rss_load_mib": r.rss_load_mib, "rss_after_mib": r.rss_after_mib},
+        "perplexity": r.perplexity,
+        "ideal_basis": r.ideal_basis.to_dict() if r.ideal_basis is not None else None,
+        "settings": dict(s.settings),
+    }
+    return row
+
+
+def _nan_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else seconds * 1000.0
+
+
+def write_plot(report: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of decode tokens/s per run (median, min–max whiskers) with each skipping run's ideal marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fileio import atomic_path
+
+    runs = [r for r in report["runs"] if r["tokens_per_s"]]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(runs) + 1.6))
+    y = np.arange(len(runs))[::-1]
+    tps = [r["tokens_per_s"] for r in runs]
+    err = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in runs], [r["tokens_per_s_max"] - r["tokens_per_s"] for r in runs]]
+    colors = ["tab:orange" if r["mode"] == "skip" else ("tab:gray" if r["backend"] in PEER_NAMES else "tab:blue")
+              for r in runs]
+    ax.barh(y, tps, xerr=err, color=colors, capsize=3)
+    ideal = [(yy, r["ideal_tokens_per_s"]) for yy, r in zip(y, runs) if r.get("ideal_tokens_per_s")]
+    if ideal:
+        ax.scatter([v for _, v in ideal], [yy for yy, _ in ideal], marker="D", s=36, color="crimson", zorder=3,
+                   label="ideal at the realised skip ratio (dense tok/s × weight-byte ratio)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.6 / max(len(runs), 1)), frameon=False)
+    ax.set_yticks(y, [r["label"] for r in runs])
+    ax.set_xlabel("decode tokens/s (median, min–max)")
+    s = report["settings"]
+    ax.set_title(f"{report['model']}: {s['new_tokens']} new tokens, {s['threads']} threads, "
+                 f"spinning {s['intra_op_spinning']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+PEER_NAMES = ("onnxruntime-genai", "llama.cpp")
+
+
+# ------------------------------------------------------------------------------------------------
+# Table
+# ------------------------------------------------------------------------------------------------
+def bench_table(report: dict[str, Any]) -> Any:
+    """The report as a rich table (one row per run that ran) followed by the runs that could not run."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    s = report["settings"]
+    ran = [r for r in report["runs"] if r["tokens_per_s"]]
+    quality = any(r.get("perplexity") is not None for r in ran)
+    table = Table(title=f"{report['model']}: {s['new_tokens']} new tokens, median of {s['repeats']} (min–max), "
+                        f"{s['threads']} threads, ORT spinning {s['intra_op_spinning']}")
+    for name in ("run", "tok/s", "min–max", "p50/p90 ms", "prefill ms", "skip", "speedup", "ideal", "of ideal",
+                 "+RSS MiB") + (("ppl",) if quality else ()):
+        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=name == "run")
+    for r in ran:
+        cells = [_short_label(r), _fmt(r["tokens_per_s"], "{:.1f}"),
+                 f"{_fmt(r['tokens_per_s_min'], '{:.0f}')}–{_fmt(r['tokens_per_s_max'], '{:.0f}')}",
+                 f"{_fmt(r['latency_ms_p50'], '{:.1f}')}/{_fmt(r['latency_ms_p90'], '{:.1f}')}",
+                 _fmt(r["prefill_ms"], "{:.0f}"), _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}"),
+                 _fmt(r["ideal_speedup"], "{:.3f}"), _fmt(r["fraction_of_ideal"], "{:.2f}"),
+                 _fmt(r["memory"]["rss_load_mib"], "{:.0f}")]
+        table.add_row(*cells, *([_fmt(r.get("perplexity"), "{:.2f}")] if quality else []))
+    notes = [Text(f"{r['label']}: {r['status']}", style="dim") for r in report["runs"] if not r["tokens_per_s"]]
+    return Group(table, *notes)
+
+
+_SHORT = {"onnxruntime": "ort", "onnxruntime-genai": "genai"}
+
+
+def _short_label(r: dict[str, Any]) -> str:
+    mode = r["mode"] if r["forced_ratio"] is None else f"skip {r['forced_ratio']:.0%}"
+    if r["mode"] == "skip" and r["forced_ratio"] is None:
+        mode = f"skip {r['policy']}"
+    return f"{_SHORT.get(r['backend'], r['backend'])} {r['precision']} {mode}"
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return pattern.format(value)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (what the README's performance section shows)."""
+    s = report["settings"]
+    lines = [f"{report['model']}, batch 1, {s['prompt_tokens'][0]}-token prompt, {s['new_tokens']} new tokens, "
+             f"{s['threads']} threads, ONNX Runtime intra-op spinning {s['intra_op_spinning']}; median of "
+             f"{s['repeats']} interleaved runs (min–max), warm-up dropped.", "",
+             "| run | tok/s | min–max | p50 / p90 ms | skip | speedup | ideal | of ideal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if not r["tokens_per_s"]:
+            lines.append(f"| {r['label']} | {r['status']} | | | | | | |")
+            continue
+        lines.append(" | ".join([
+            f"| {r['label']}", _fmt(r["tokens_per_s"], "{:.1f}"),
+            f"{_fmt(r['tokens_per_s_min'], '{:.1f}')}–{_fmt(r['tokens_per_s_max'], '{:.1f}')}",
+            f"{_fmt(r['latency_ms_p50'], '{:.1f}')} / {_fmt(r['latency_ms_p90'], '{:.1f}')}",
+            _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}×"), _fmt(r["ideal_speedup"], "{:.3f}×"),
+            _fmt(r["fraction_of_ideal"], "{:.2f}") + " |"]))
+    return "\n".join(lines) + "\n"

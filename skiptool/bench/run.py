@@ -1,0 +1,130 @@
+"""The whole benchmark: :class:`BenchRequest` (what `skiptool bench` was asked), :func:`run_bench` (load the
+model, plan the runs, measure them, summarise), the settings recorded in the report, and the
+``--skip-ratio`` parser.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import SkipToolError
+from .harness import DEFAULT_NEW_TOKENS, Measurement, measure, peak_rss_mib, progress_steps
+from .plans import _config_beside, _ort_providers, plan_runs
+from .report import summarise
+
+
+@dataclass
+class BenchRequest:
+    """What `skiptool bench` was asked to do."""
+
+    model: str = "smollm2-135m"
+    config: Path | None = None
+    onnx: list[Path] = field(default_factory=list)
+    skip_ratios: list[float] = field(default_factory=list)
+    new_tokens: int = DEFAULT_NEW_TOKENS
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    spin: bool = False
+    quality: bool = False
+    data: str | None = None
+    prompt_tokens: int = 32
+    num_prompts: int = 1
+    quality_tokens: int = 64
+    quality_blocks: int = 2
+    peers: bool = True
+    torch: bool = True
+    device: str = "cpu"
+
+
+def bench_prompts(tokenizer: Any, source: str | None, prompt_tokens: int, num_prompts: int,
+                  part: tuple[float, float] = (0.0, 0.5)) -> list[list[int]]:
+    """Prompts cut from data (the built-in sample by default): `num_prompts` blocks of `prompt_tokens`."""
+    from ..data import BUILTIN_SAMPLE, DataSpec, token_blocks
+
+    spec = DataSpec(source or BUILTIN_SAMPLE, part=part)
+    return token_blocks(tokenizer, spec, prompt_tokens, num_prompts).tolist()
+
+
+def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
+              on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load the model, plan every run, measure them interleaved and return the JSON-ready report."""
+    import torch
+
+    from ..config import load_config
+    from ..models import load_model
+
+    if req.repeats < 1 or req.new_tokens < 2:
+        raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
+    threads = req.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    config = load_config(req.config) if req.config is not None else _config_beside(req.onnx)
+    lm = load_model(req.model, device=req.device)
+    if config is not None:
+        config.check_matches(lm.model)
+    prompts = bench_prompts(lm.tokenizer, req.data, req.prompt_tokens, req.num_prompts)
+    quality = (bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
+               if req.quality else None)
+    m = Measurement(prompts, req.new_tokens, req.repeats, req.warmup, quality)
+    max_length = max(req.prompt_tokens + req.new_tokens, req.quality_tokens) + 16
+    specs = plan_runs(req, lm, config, threads, max_length)
+    if on_start is not None:
+        on_start(progress_steps(specs, m))
+    load_start = os.getloadavg()
+    results = measure(specs, m, on_progress)
+    return {
+        "schema": "skiptool-bench/1",
+        "model": req.model,
+        "config": str(req.config) if req.config else None,
+        "onnx": [str(d) for d in req.onnx],
+        "settings": _settings(req, threads, m, load_start),
+        "memory": {"process_peak_rss_mib": peak_rss_mib()},
+        "runs": summarise(results),
+    }
+
+
+def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple[float, ...]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "new_tokens": req.new_tokens, "repeats": req.repeats, "warmup_runs_dropped": req.warmup,
+        "prompts": len(m.prompts), "prompt_tokens": [len(p) for p in m.prompts], "data": req.data or "builtin",
+        "threads": threads, "intra_op_spinning": "on" if req.spin else "off", "torch_threads": torch.get_num_threads(),
+        "device": req.device, "skip_ratios": list(req.skip_ratios), "quality": req.quality,
+        "quality_tokens": req.quality_tokens * req.quality_blocks if req.quality else 0,
+        "versions": _versions(), "ort_providers": _ort_providers(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "llama_cpp_python", "skiptool"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def parse_ratios(text: str | None) -> list[float]:
+    """``"0.25,0.5"`` -> ``[0.25, 0.5]``, each in [0, 1]."""
+    if not text:
+        return []
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SkipToolError(f"--skip-ratio must be comma-separated numbers, e.g. 0.25,0.5 (got {text!r})") from None
+    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise SkipToolError(f"skip ratios must be in [0, 1] (got {bad[0]})")
+    return ratios
