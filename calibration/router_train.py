@@ -10,6 +10,9 @@ the FFN, whether that layer's FFN runs for the token. Training:
    skips exactly as inference will), to keep the skipping model's next-token distribution close to
    the dense model's (KL(dense || skipping)), with a strong penalty on the gap between the skip rate
    and the target.
+   With ``standin_rank > 0`` a low-rank stand-in per skippable layer (see :mod:`skiptool.standins`)
+   is trained jointly with the routers: it starts from the closed-form fit (or from zero) and learns
+   from the same loss, so a skipped FFN adds the stand-in's estimate instead of nothing.
 3. **Threshold refit.** On held-out calibration blocks, the probability threshold is refitted so the
    *realised* ratio (skipped / (layers x tokens), cold layers and warm-up included, as
    :class:`skiptool.runtime.SkipStats` counts it) matches the target.
@@ -37,9 +40,13 @@ from ..fileio import atomic_path, ensure_writable_dir
 from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
                         build_policy)
 from ..runtime import SkipRuntime, load_standins, skipping
+from ..standins import StandIns
 from .fit import eligible_fraction
+from .standin_fit import fit_standins
 
 ROUTER_FILENAME = "router.safetensors"
+TRAINED_STANDIN_FILENAME = "router_standin.safetensors"  # not calibrate's file: a base config may share the folder
+STANDIN_INITS = ("closed-form", "zero")
 StepCallback = Callable[[int, dict[str, float]], None]
 Substitutes = dict[int, nn.Module] | None
 __all__ = ["ESTIMATORS", "RouterTrainSettings", "RouterTrainResult", "run_train_router", "train_router"]
@@ -62,6 +69,9 @@ class RouterTrainSettings:
     threshold: float | None = None  # None: refit on held-out blocks to the target ratio
     seed: int = 0
     device: str = "cpu"
+    standin_rank: int = 16  # 0: no trained stand-ins (a base config's own stand-ins are used as they are)
+    standin_init: str = "closed-form"  # or "zero"
+    standin_lr: float = 1e-3
 
 
 @dataclass
@@ -84,6 +94,7 @@ class RouterTrainResult:
     config: SkipConfig
     config_path: Path
     router_path: Path
+    standin_path: Path | None
     heldout: HeldOut
     dense_nll: float
     cost: dict[str, Any]
@@ -96,6 +107,7 @@ class RouterTrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": str(self.config_path), "router": str(self.router_path),
+                "standin": None if self.standin_path is None else str(self.standin_path),
                 "threshold": self.heldout.threshold, "heldout_skip_ratio": self.heldout.skip_ratio,
                 "heldout_perplexity": self.heldout.perplexity, "dense_heldout_perplexity": self.dense_perplexity,
                 "perplexity_ratio": self.heldout.perplexity / self.dense_perplexity, "cost": self.cost,
@@ -185,8 +197,12 @@ def fit_initial_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConf
 # -- 2. distillation -----------------------------------------------------------------------------
 def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
                   settings: RouterTrainSettings, on_step: StepCallback | None = None,
-                  substitutes: Substitutes = None) -> list[dict[str, float]]:
-    """Train `routers` in place (the LLM stays frozen); returns the per-step history."""
+                  substitutes: Substitutes = None, standins: StandIns | None = None) -> list[dict[str, float]]:
+    """Train `routers` in place (the LLM stays frozen); returns the per-step history.
+
+    `substitutes` are fixed stand-ins; `standins` are trained jointly with the routers (and used as the
+    substitutes) at ``settings.standin_lr``.
+    """
     seq_len, warmup = blocks.shape[1], config.warmup
     target = inner_rate(config, settings.target_skip, seq_len)
     room = skippable_fraction(config, seq_len)
@@ -195,10 +211,14 @@ def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, ro
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    params = list(routers.parameters())
+    groups = [{"params": list(routers.parameters()), "lr": settings.lr}]
+    if standins is not None:
+        substitutes = standins.by_layer()
+        groups.append({"params": list(standins.parameters()), "lr": settings.standin_lr})
+    params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    optimiser = torch.optim.Adam(params, lr=settings.lr)
+    optimiser = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(settings.seed)
     history: list[dict[str, float]] = []
     try:
@@ -340,12 +360,17 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     config.check_matches(model)
     out_dir = ensure_writable_dir(out_dir)
     torch.manual_seed(settings.seed)
-    substitutes = load_standins(config).by_layer() if config.standin is not None else None
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
+    standins = initial_standins(model, adapter, config, train_blocks[: settings.init_blocks], settings)
+    if standins is not None:
+        substitutes: Substitutes = standins.by_layer()
+    else:
+        substitutes = load_standins(config).by_layer() if config.standin is not None else None
     rate = inner_rate(config, settings.target_skip, blocks.shape[1])
     routers = fit_initial_routers(model, adapter, config, train_blocks[: settings.init_blocks], rate)
     routers.to(_device(model))
-    history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step, substitutes)
+    history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step,
+                            None if standins is not None else substitutes, standins)
     dense = NeverSkip(config.model.num_layers, config.skippable_layers, config.warmup)
     _, dense_nll, _ = measure(model, adapter, dense, heldout_blocks, settings.batch_size)
     if settings.threshold is None:
@@ -356,11 +381,36 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
         ratio, nll, _ = measure(model, adapter, policy, heldout_blocks, settings.batch_size, None, substitutes)
         heldout = HeldOut(settings.threshold, ratio, nll)
     cost = router_cost(routers, model, adapter)
+    if standins is not None:
+        cost["standin"] = standins.cost(int(model.config.intermediate_size))
     router_path = routers.cpu().save(out_dir / ROUTER_FILENAME)
-    new_config = _router_config(config, settings, heldout, history, out_dir, data, blocks.shape[0])
+    standin_path = standins.cpu().save(out_dir / TRAINED_STANDIN_FILENAME) if standins is not None else None
+    standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_) if standins is not None
+                   else _standin_beside(config, out_dir))
+    new_config = _router_config(config, settings, heldout, history, out_dir, data, blocks.shape[0], standin_ref)
     config_path = new_config.save(out_dir / CONFIG_FILENAME)
-    return RouterTrainResult(new_config, config_path, router_path, heldout, dense_nll, cost, history,
+    return RouterTrainResult(new_config, config_path, router_path, standin_path, heldout, dense_nll, cost, history,
                              time.perf_counter() - start)
+
+
+def initial_standins(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor,
+                     settings: RouterTrainSettings) -> StandIns | None:
+    """The stand-ins joint training starts from (``None`` when ``standin_rank`` is 0).
+
+    ``closed-form``: the base config's own stand-ins when their rank matches, else a reduced-rank fit on
+    `blocks`; ``zero``: stand-ins that add nothing until trained.
+    """
+    rank = settings.standin_rank
+    if rank <= 0:
+        return None
+    if settings.standin_init not in STANDIN_INITS:
+        raise ConfigError(f"stand-in init must be one of {', '.join(STANDIN_INITS)} (got {settings.standin_init!r})")
+    layers, device = config.skippable_layers, _device(model)
+    if settings.standin_init == "zero":
+        return StandIns(int(model.config.hidden_size), rank, layers).to(device)
+    if config.standin is not None and config.standin.rank == rank:
+        return load_standins(config).to(device)
+    return fit_standins(model, adapter, blocks, layers, rank, config.warmup)
 
 
 def _standin_beside(config: SkipConfig, out_dir: Path) -> ArtifactRef | None:
@@ -378,15 +428,16 @@ def _standin_beside(config: SkipConfig, out_dir: Path) -> ArtifactRef | None:
 
 def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: HeldOut,
                    history: list[dict[str, float]], out_dir: Path, data: DataSpec | None,
-                   num_blocks: int) -> SkipConfig:
+                   num_blocks: int, standin: ArtifactRef | None) -> SkipConfig:
     training = {"target_skip": settings.target_skip, "steps": settings.steps, "lr": settings.lr,
                 "seq_len": settings.seq_len, "batch_size": settings.batch_size, "estimator": settings.estimator,
                 "penalty": settings.penalty, "heldout_skip_ratio": heldout.skip_ratio,
                 "heldout_perplexity": heldout.perplexity, "from_policy": config.policy.kind,
-                "final_kl": history[-1]["kl"] if history else None}
+                "final_kl": history[-1]["kl"] if history else None, "standin_rank": settings.standin_rank,
+                "standin_init": settings.standin_init if settings.standin_rank else None}
     return config.evolve(
         policy=PolicySpec("router", {"threshold": heldout.threshold}), target_skip=settings.target_skip,
-        router=ArtifactRef(ROUTER_FILENAME), standin=_standin_beside(config, out_dir),
+        router=ArtifactRef(ROUTER_FILENAME), standin=standin,
         metadata={**_calibration_data(data, num_blocks, settings.seq_len), **config.metadata,
                   "router_training": training}, base_dir=out_dir.resolve())
 
@@ -420,16 +471,16 @@ def run_train_router(model_source: str, config_path: str | Path | None, data: Da
 
 
 # -- the sweep curve -----------------------------------------------------------------------------
-def router_sweep_candidate(ctx: Any, target: float) -> tuple[RouterPolicy, Substitutes] | None:
-    """``eval --sweep``'s ``router`` curve: a router config's routers (and stand-ins), the threshold refitted
-    on the config's calibration blocks so that the realised ratio on the evaluation blocks is about
-    `target`; ``None`` for a config without routers or a target out of reach. `ctx` is a
-    :class:`skiptool.evaluate.SweepContext`."""
+def router_sweep_candidate(ctx: Any, target: float, with_standins: bool) -> tuple[RouterPolicy, Substitutes] | None:
+    """``eval --sweep``'s ``router`` / ``router+standin`` curves: a router config's routers (with its stand-ins
+    when `with_standins`), the threshold refitted on the config's calibration blocks so that the realised ratio
+    on the evaluation blocks is about `target`; ``None`` for a config without routers (or without stand-ins
+    when they are asked for) or a target out of reach. `ctx` is a :class:`skiptool.evaluate.SweepContext`."""
     config = ctx.config
-    if config.policy.kind != "router":
+    if config.policy.kind != "router" or (with_standins and config.standin is None):
         return None
     routers = build_policy(config).routers
-    substitutes = load_standins(config).by_layer() if config.standin is not None else None
+    substitutes = load_standins(config).by_layer() if with_standins else None
     blocks = ctx.calibration_blocks
     calib_target = target * skippable_fraction(config, int(blocks.shape[1])) / ctx.eligible_fraction()
     try:

@@ -106,10 +106,12 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Run a `skiptool export` folder with ONNX Runtime "
                                             "(its own policy; MODEL and --config are not used)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Run the TensorRT engine of a `skiptool export "
+                                          "--format tensorrt` folder (DIR or DIR/model.engine) on the GPU."),
 ) -> None:
     """Generate text, streaming it, then print tokens/s and the realised skip ratio."""
-    if onnx_dir is not None:
-        return _generate_onnx(onnx_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, config)
+    if onnx_dir is not None or engine is not None:
+        return _generate_onnx(onnx_dir, engine, prompt, raw, max_new_tokens, temperature, top_p, seed, config)
     from .config import load_config
     from .generate import encode_prompt, generate as run_generate
     from .models import load_model
@@ -129,17 +131,26 @@ def generate(
                   soft_wrap=True)
 
 
-def _generate_onnx(onnx_dir: Path, prompt: str, raw: bool, max_new_tokens: int, temperature: float, top_p: float,
-                   seed: int, config: Optional[Path]) -> None:
-    from .backends.onnxruntime import generate_from_export
-
+def _generate_onnx(onnx_dir: Optional[Path], engine: Optional[Path], prompt: str, raw: bool, max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int, config: Optional[Path]) -> None:
+    """``--onnx DIR`` (ONNX Runtime) or ``--engine PATH`` (TensorRT): an export run with its own policy."""
     if config is not None:
-        raise SkipToolError("--onnx runs the exported graph with the policy it was exported with; drop --config")
-    result = generate_from_export(onnx_dir, prompt, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed, on_text=lambda piece: console.out(piece, end="",
-                                                                                          highlight=False))
+        raise SkipToolError("--onnx / --engine run the exported graph with the policy it was exported with; "
+                            "drop --config")
+    if onnx_dir is not None and engine is not None:
+        raise SkipToolError("--onnx (ONNX Runtime) and --engine (TensorRT) are two runtimes; pick one")
+    if engine is not None:
+        from .backends.tensorrt_backend import generate_from_engine as run_export
+
+        path, label = engine, "TensorRT"
+    else:
+        from .backends.onnxruntime import generate_from_export as run_export
+
+        path, label = onnx_dir, "ONNX Runtime"
+    result = run_export(path, prompt, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, on_text=lambda piece: console.out(piece, end="", highlight=False))
     console.out("")
-    console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode (ONNX Runtime), "
+    console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode ({label}), "
                   f"prefill {result.prefill_s * 1000:.0f} ms, FFN skip ratio {result.skip_ratio:.1%}[/]",
                   soft_wrap=True)
 
@@ -318,23 +329,32 @@ def train_router(
                                               help="Fixed probability threshold (default: refit to the target)."),
     estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste or gumbel."),
     penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
+    stand_in: int = typer.Option(16, "--stand-in", min=0, help="Rank of low-rank stand-ins trained jointly with the "
+                                 "routers (0 = none; a base config's own stand-ins are then kept as they are)."),
+    stand_in_init: str = typer.Option("closed-form", "--stand-in-init", help="Start the stand-ins from the "
+                                      "closed-form fit (closed-form) or from zero (zero)."),
+    stand_in_lr: float = typer.Option(1e-3, "--stand-in-lr", min=0.0),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Train DiffSkip routers (LLM frozen) to a target skip ratio; writes a router skip config."""
+    """Train DiffSkip routers (LLM frozen), with low-rank stand-ins, to a target skip ratio; writes a router skip
+    config."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .calibration.router_train import ESTIMATORS, RouterTrainSettings, run_train_router
+    from .calibration.router_train import ESTIMATORS, STANDIN_INITS, RouterTrainSettings, run_train_router
     from .data import DataSpec, parse_part
 
     if estimator not in ESTIMATORS:
         raise SkipToolError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {estimator!r})")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SkipToolError("--threshold must be a probability strictly between 0 and 1")
+    if stand_in_init not in STANDIN_INITS:
+        raise SkipToolError(f"--stand-in-init must be one of {', '.join(STANDIN_INITS)} (got {stand_in_init!r})")
     settings = RouterTrainSettings(target_skip=target_skip, steps=steps, lr=lr, seq_len=seq_len,
                                    batch_size=batch_size, penalty=penalty, estimator=estimator, threshold=threshold,
-                                   seed=seed, device=device)
+                                   seed=seed, device=device, standin_rank=stand_in, standin_init=stand_in_init,
+                                   standin_lr=stand_in_lr)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
@@ -352,6 +372,11 @@ def train_router(
     d, cost = result.to_dict(), result.cost
     table = Table(title=f"routers: {result.config_path}", show_header=False)
     table.add_row("router weights", str(result.router_path))
+    if result.standin_path is not None:
+        sc = cost["standin"]
+        table.add_row("stand-in weights (trained)", f"{result.standin_path} (rank {stand_in}, {stand_in_init} start)")
+        table.add_row("stand-in params per layer (vs FFN)", f"{sc['standin_params']:,} ({sc['fraction_of_ffn']:.2%} "
+                                                            f"of {sc['ffn_params']:,})")
     table.add_row("threshold (probability)", f"{d['threshold']:.4f}")
     table.add_row("held-out realised skip ratio", f"{d['heldout_skip_ratio']:.1%} (target {target_skip:.0%})")
     table.add_row("held-out perplexity dense / router", f"{d['dense_heldout_perplexity']:.2f} / "
@@ -467,11 +492,13 @@ def eval_command(
                              "the calibration part)."),
     samples: int = typer.Option(16, "--samples", help="Number of evaluation blocks."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per block."),
-    sweep: bool = typer.Option(False, "--sweep", help="Also sweep quality vs realised skip ratio: cosine against "
-                               "random and static-layer skipping (writes sweep.json and sweep.png)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also sweep quality vs realised skip ratio: cosine with and "
+                               "without stand-ins against random and static-layer skipping, and the routers of a "
+                               "router config (writes sweep.json and sweep.png)."),
     targets: str = typer.Option("0.05,0.10,0.15,0.25,0.40", "--targets", help="Skip ratios for --sweep."),
     curves: Optional[str] = typer.Option(None, "--curves", help="Sweep curves, comma-separated (default: "
-                                         "cosine,random,static, plus router for a router config)."),
+                                         "cosine,cosine+standin,random,static, plus router and router+standin for a "
+                                         "router config; also static+standin)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Calibration blocks the sweep "
                                                 "refits on (default: as many as the config was calibrated on)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for eval.json (and the sweep); "
@@ -536,10 +563,14 @@ def _print_eval(result: Any) -> None:
 
 
 def _sweep_curves(curves: Optional[str], config: Any) -> list[str]:
-    """The sweep's curves: those named, or the defaults (with ``router`` when the config has routers)."""
+    """The sweep's curves: those named, or the defaults (with ``router`` and, when the config has stand-ins,
+    ``router+standin`` for a router config)."""
+    from .evaluate import DEFAULT_CURVES
+
     if curves is not None:
         return [c.strip() for c in curves.split(",") if c.strip()]
-    return ["cosine", "random", "static"] + (["router"] if config.policy.kind == "router" else [])
+    routers = ["router"] + (["router+standin"] if config.standin is not None else [])
+    return list(DEFAULT_CURVES) + (routers if config.policy.kind == "router" else [])
 
 
 def _sweep_cell(point: dict[str, Any]) -> str:

@@ -10,7 +10,10 @@ context and a target ratio it returns the policy to run (and optional FFN substi
 the target is out of its reach. Built-in curves: ``cosine`` (FFN-SkipLLM, thresholds refitted on the
 config's calibration data for each target), ``random`` (random tokens' FFNs in the skippable layers)
 and ``static`` (the FFNs of the most redundant layers — highest mean saturation on the calibration
-data). Other modules add curves with :func:`register_curve` or pass ``(name, factory)`` pairs.
+data); ``cosine+standin`` and ``static+standin`` run the same policies with closed-form low-rank
+stand-ins in place of the skipped FFNs; ``router`` and ``router+standin`` (in
+:mod:`skiptool.calibration.router_train`) run a router config's routers without and with its stand-ins.
+Other modules add curves with :func:`register_curve` or pass ``(name, factory)`` pairs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ Progress = Callable[[str, int, int], Any]
 Candidate = Union[SkipPolicy, "tuple[SkipPolicy, dict[int, nn.Module] | None]", None]
 CurveFactory = Callable[["SweepContext", float], Candidate]
 DEFAULT_TARGETS = (0.05, 0.10, 0.15, 0.25, 0.40)
-DEFAULT_CURVES = ("cosine", "random", "static")
+DEFAULT_CURVES = ("cosine", "cosine+standin", "random", "static")
+DEFAULT_STANDIN_RANK = 16
 EVAL_FILENAME, SWEEP_FILENAME, SWEEP_PLOT_FILENAME = "eval.json", "sweep.json", "sweep.png"
 
 
@@ -167,6 +171,7 @@ class SweepContext:
     batch_size: int = 1
     progress: Progress | None = None
     calibration_samples: int | None = None  # None: as many blocks as the config was calibrated on
+    memo: dict[Any, Any] = field(default_factory=dict)  # curves that share a fit (cosine, cosine+standin)
 
     @property
     def num_layers(self) -> int:
@@ -198,6 +203,20 @@ class SweepContext:
 
         return collect_layer_stats(self.model, self.adapter, self.calibration_blocks, self.config.warmup,
                                    progress=_phase(self.progress, "calibration statistics"))
+
+    @cached_property
+    def closed_form_standins(self) -> dict[int, nn.Module]:
+        """Closed-form stand-ins: a cosine/static config's own, else fitted on the calibration blocks (at the
+        config's stand-in rank, or 16)."""
+        from .calibration.standin_fit import fit_standins
+        from .runtime import load_standins
+
+        cfg = self.config
+        if cfg.standin is not None and cfg.policy.kind != "router":  # a router config's stand-ins are trained
+            return load_standins(cfg).by_layer()
+        rank = cfg.standin.rank if cfg.standin is not None and cfg.standin.rank else DEFAULT_STANDIN_RANK
+        return fit_standins(self.model, self.adapter, self.calibration_blocks, cfg.skippable_layers, rank,
+                            cfg.warmup).by_layer()
 
 
 SWEEP_CURVES: dict[str, CurveFactory] = {}
@@ -264,6 +283,29 @@ def parse_targets(text: str) -> list[float]:
 @register_curve("cosine")
 def cosine_curve(ctx: SweepContext, target: float) -> Candidate:
     """FFN-SkipLLM with thresholds refitted on the calibration data so the evaluation ratio is `target`."""
+    if ("cosine", target) not in ctx.memo:
+        ctx.memo[("cosine", target)] = _fit_cosine_policy(ctx, target)
+    return ctx.memo[("cosine", target)]
+
+
+@register_curve("cosine+standin")
+def cosine_standin_curve(ctx: SweepContext, target: float) -> Candidate:
+    """The ``cosine`` curve's policy with closed-form stand-ins adding their estimate where FFNs skip."""
+    return _with_standins(ctx, cosine_curve(ctx, target))
+
+
+@register_curve("static+standin")
+def static_standin_curve(ctx: SweepContext, target: float) -> Candidate:
+    """The ``static`` curve's layers with closed-form stand-ins in place of their FFNs."""
+    return _with_standins(ctx, static_curve(ctx, target))
+
+
+def _with_standins(ctx: SweepContext, candidate: Candidate) -> Candidate:
+    policy = candidate[0] if isinstance(candidate, tuple) else candidate
+    return None if policy is None else (policy, ctx.closed_form_standins)
+
+
+def _fit_cosine_policy(ctx: SweepContext, target: float) -> SkipPolicy | None:
     from .calibration.fit import fit_cosine
     from .policies import CosineGreedy
 
@@ -304,7 +346,15 @@ def static_curve(ctx: SweepContext, target: float) -> Candidate:
 
 @register_curve("router")
 def router_curve(ctx: SweepContext, target: float) -> Candidate:
-    """DiffSkip routers of a router config, the threshold refitted on the calibration data for `target`."""
+    """DiffSkip routers of a router config (without stand-ins), the threshold refitted on the calibration data."""
     from .calibration.router_train import router_sweep_candidate
 
-    return router_sweep_candidate(ctx, target)
+    return router_sweep_candidate(ctx, target, with_standins=False)
+
+
+@register_curve("router+standin")
+def router_standin_curve(ctx: SweepContext, target: float) -> Candidate:
+    """A router config's routers with its (jointly trained) stand-ins; ``None`` when it has none."""
+    from .calibration.router_train import router_sweep_candidate
+
+    return router_sweep_candidate(ctx, target, with_standins=True)

@@ -92,6 +92,28 @@ def test_sweep_runs_extra_curves_and_reports_realised_ratios(lm, text, tmp_path)
     assert plot_sweep(json.loads(json.dumps(sweep)), tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_standin_curves_reuse_the_policy_and_add_closed_form_stand_ins(lm, text):
+    from skiptool.evaluate import SWEEP_CURVES
+    from skiptool.standins import LowRankStandIn
+
+    config = dense_config(lm.model, warmup=4, cold_start=1, cold_end=1)
+    config = config.evolve(metadata={"calibration_data": {"source": str(text), "part": [0, 0.5], "samples": 3,
+                                                          "seq_len": 32}})
+    blocks = token_blocks(lm.tokenizer, DataSpec(str(text), part=(0.5, 1)), 32, 3)
+    dense = token_nll(torch_logits_fn(lm.model), blocks)
+    ctx = SweepContext(lm.model, lm.adapter, lm.tokenizer, config, blocks, dense)
+    policy, subs = SWEEP_CURVES["static+standin"](ctx, 0.15)
+    assert isinstance(policy, StaticMask) and torch.equal(policy.mask, SWEEP_CURVES["static"](ctx, 0.15).mask)
+    assert sorted(subs) == config.skippable_layers
+    assert all(isinstance(m, LowRankStandIn) and m.rank == 16 for m in subs.values())
+    cosine = SWEEP_CURVES["cosine"](ctx, 0.15)
+    assert SWEEP_CURVES["cosine+standin"](ctx, 0.15)[0] is cosine  # one fit shared by both curves
+    sweep = run_sweep(ctx, [0.15], ["static", "static+standin"])
+    plain, standin = sweep["curves"]["static"][0], sweep["curves"]["static+standin"][0]
+    assert standin["skip_ratio"] == plain["skip_ratio"] > 0  # same decisions, different substitute
+    assert standin["ppl"] != plain["ppl"]
+
+
 def test_unknown_curves_and_bad_targets_are_user_errors(lm, text):
     config = dense_config(lm.model, warmup=4)
     blocks = token_blocks(lm.tokenizer, DataSpec(str(text)), 16, 1)
@@ -133,7 +155,7 @@ def test_cli_eval_sweep_writes_json_and_png(tiny_model_dir, text, calibrated, tm
                                  "--targets", "0.15", "-o", str(out)])
     assert result.exit_code == 0, result.output
     sweep = json.loads((out / "sweep.json").read_text())
-    assert set(sweep["curves"]) == {"cosine", "random", "static"}
+    assert set(sweep["curves"]) == {"cosine", "cosine+standin", "random", "static"}
     cosine = sweep["curves"]["cosine"][0]
     assert abs(cosine["skip_ratio"] - 0.15) < 0.05  # fitted on the calibration part, measured on the other
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"

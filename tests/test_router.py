@@ -74,6 +74,59 @@ def test_a_training_step_changes_only_router_parameters(tiny_model):
     assert len(changed) == len(routers_before)
 
 
+def test_joint_training_changes_routers_and_stand_ins_but_not_the_model(tiny_model):
+    config = _config(tiny_model, warmup=0)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    routers = _random_routers(config.skippable_layers)
+    standins = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks(2),
+                                   _settings(standin_rank=4))
+    standins_before = {k: v.clone() for k, v in standins.state_dict().items()}
+    rt.train_routers(tiny_model, adapter_for(tiny_model), config, routers, _blocks(),
+                     _settings(steps=2, standin_rank=4), standins=standins)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    changed = [k for k, v in standins.state_dict().items() if not torch.equal(v, standins_before[k])]
+    assert changed and all(k.endswith(("down.weight", "up.weight", "up.bias")) for k in changed)
+    assert not any(p.requires_grad for p in (*standins.parameters(), *routers.parameters()))
+
+
+@pytest.mark.parametrize("init", ["closed-form", "zero"])
+def test_joint_stand_ins_start_from_the_closed_form_fit_or_from_zero(tiny_model, init):
+    from skiptool.calibration.standin_fit import fit_standins
+
+    config = _config(tiny_model, warmup=4)
+    blocks = _blocks(2)
+    standins = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, blocks,
+                                   _settings(standin_rank=4, standin_init=init))
+    x = torch.randn(3, 32)
+    if init == "zero":
+        assert all(torch.equal(m(x), torch.zeros_like(x)) for m in standins.by_layer().values())
+    else:
+        fitted = fit_standins(tiny_model, adapter_for(tiny_model), blocks, config.skippable_layers, 4, 4)
+        for i, m in standins.by_layer().items():
+            torch.testing.assert_close(m(x), fitted.by_layer()[i](x))
+    assert rt.initial_standins(tiny_model, adapter_for(tiny_model), config, blocks, _settings(standin_rank=0)) is None
+
+
+def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model, tmp_path):
+    from skiptool.runtime import runtime_from_config
+    from skiptool.standins import LowRankStandIn
+
+    config = _config(tiny_model)
+    result = rt.train_router(tiny_model, adapter_for(tiny_model), config, _blocks(), tmp_path,
+                             _settings(steps=2, standin_rank=4))
+    saved = load_config(tmp_path)
+    assert saved.standin is not None and saved.standin.rank == 4
+    assert result.standin_path == tmp_path / rt.TRAINED_STANDIN_FILENAME and result.standin_path.is_file()
+    assert saved.metadata["router_training"]["standin_init"] == "closed-form"
+    assert result.cost["standin"]["standin_params"] == 2 * 32 * 4 + 32
+    runtime = runtime_from_config(tiny_model, adapter_for(tiny_model), saved)
+    try:
+        subs = [layer.substitute for layer in runtime.layers if layer.skippable]
+        assert len(subs) == 4 and all(isinstance(s, LowRankStandIn) and s.rank == 4 for s in subs)
+    finally:
+        runtime.remove()
+
+
 def test_training_decisions_are_hard_in_the_forward_pass_with_a_gradient(tiny_model):
     config = _config(tiny_model, warmup=0)
     routers = _random_routers(config.skippable_layers)
