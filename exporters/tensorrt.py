@@ -3,7 +3,15 @@
 TensorRT's ONNX parser needs standard ONNX ops only (no ONNX Runtime contrib ops), an ``If`` condition
 that is a 0-d bool tensor, and ``If`` branches whose outputs have equal ranks. :func:`graph_problems`
 checks those on any exported graph; :func:`build_engine` builds a serialized engine with one
-optimisation profile covering the dynamic axes of the I/O contract (needs ``tensorrt`` and a GPU).
+optimisation profile covering the dynamic axes of the I/O contract (needs ``tensorrt`` and a GPU) and
+writes it as ``model.engine`` beside ``model.onnx``; :mod:`skiptool.backends.tensorrt_backend` runs it.
+
+``skip_mask`` is an optional input in ``model.onnx`` because an all-zeros initializer of the same name
+backs it. TensorRT's ONNX parser treats every initializer as a constant weight and drops graph inputs that
+share its name, so the engine would have the override baked in as zeros (and could fold the ``If``
+conditions of a static policy into build-time constants). :func:`tensorrt_graph` therefore hands the parser
+the same graph with such initializers removed: ``skip_mask`` becomes a required engine input, fed on every
+step by the backend (zeros = follow the policy, the ONNX default).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from .io_names import BATCH, PAST, PRESENT, SEQUENCE, TOTAL
 from .onnx import iter_nodes
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+ENGINE_FILE = "model.engine"  # written beside model.onnx by `skiptool export --format tensorrt`
 
 
 def require_tensorrt() -> Any:
@@ -64,11 +73,26 @@ def _rank(t: onnx.TypeProto) -> int | None:
     return len(t.tensor_type.shape.dim) if t.tensor_type.HasField("shape") else None
 
 
-def check_graph_for_tensorrt(path: Path) -> None:
-    """Raise with the first problems TensorRT's parser would have with the graph at `path`."""
-    problems = graph_problems(onnx.load(str(path), load_external_data=False))
+def check_graph_for_tensorrt(model: onnx.ModelProto) -> None:
+    """Raise with the first problems TensorRT's parser would have with `model`."""
+    problems = graph_problems(model)
     if problems:
         raise SkipToolError(f"graph is not TensorRT-compatible: {'; '.join(problems[:3])}")
+
+
+def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` in which inputs backed by an initializer (``skip_mask``) are plain runtime inputs.
+
+    TensorRT's parser would otherwise import them as constants (see the module docstring). Weights stored
+    as external data stay references to ``model.onnx.data``; parse the result with the graph's path.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inputs = {i.name for i in out.graph.input}
+    kept = [t for t in out.graph.initializer if t.name not in inputs]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
 
 
 def profile_shapes(model: onnx.ModelProto, max_batch: int = 1, max_context: int = 2048,
@@ -89,20 +113,21 @@ def profile_shapes(model: onnx.ModelProto, max_batch: int = 1, max_context: int 
 
 def build_engine(onnx_path: Path, engine_path: Path, fp16: bool = False, max_batch: int = 1,
                  max_context: int = 2048) -> Path:
-    """Parse the graph with TensorRT and write a serialized engine (one optimisation profile)."""
+    """Parse :func:`tensorrt_graph` of the graph at `onnx_path` with TensorRT and write a serialized engine
+    (one optimisation profile: batch up to `max_batch`, past + new tokens up to `max_context`)."""
     trt = require_tensorrt()
-    check_graph_for_tensorrt(onnx_path)
+    graph = tensorrt_graph(onnx.load(str(onnx_path), load_external_data=False))
+    check_graph_for_tensorrt(graph)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(graph.SerializeToString(), str(onnx_path)):  # the path locates external weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
         raise SkipToolError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes(onnx.load(str(onnx_path), load_external_data=False),
-                                              max_batch, max_context).items():
+    for name, (lo, opt, hi) in profile_shapes(graph, max_batch, max_context).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     if fp16:
