@@ -30,13 +30,26 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 ENGINE_FILE = "model.engine"  # written beside model.onnx by `skiptool export --format tensorrt`
 
 
-def require_tensorrt() -> Any:
-    """The ``tensorrt`` module, or one clear error line."""
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT cannot build or run engines here (None when ``tensorrt`` imports and CUDA is available)."""
     try:
-        import tensorrt
+        import tensorrt  # noqa: F401 - the import is the check
     except ImportError:
-        raise MissingDependencyError("--format tensorrt needs TensorRT and an NVIDIA GPU: pip install "
-                                     "'skiptool[tensorrt]' (TensorRT is not installed here)") from None
+        return "TensorRT is not installed here (pip install tensorrt)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible here"
+    return None
+
+
+def require_tensorrt(purpose: str = "--format tensorrt") -> Any:
+    """The ``tensorrt`` module, or one clear error line saying what is missing."""
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        raise MissingDependencyError(f"{purpose} needs TensorRT and an NVIDIA GPU: {reason}")
+    import tensorrt
+
     return tensorrt
 
 
@@ -97,9 +110,15 @@ def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def profile_shapes(model: onnx.ModelProto, max_batch: int = 1, max_context: int = 2048,
                    opt_context: int = 256) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shape of every graph input, from its dims: fixed ones stay, named axes get ranges."""
+    """(min, opt, max) shape of every graph input, from its dims: fixed ones stay, named axes get ranges.
+
+    The min and opt points are real decode steps (past + sequence = total: the empty-past first token, and
+    one token after ``opt_context - 1``): TensorRT's builder rejects an opt point that violates the graph's
+    shape constraints ("kOPT values for profile 0 violate shape constraints"). The max point cannot be
+    one (sequence and past both reach their maxima), which the builder only warns about.
+    """
     ranges = {BATCH: (1, 1, max_batch), SEQUENCE: (1, 1, max_context), TOTAL: (1, opt_context, max_context),
-              PAST: (0, opt_context, max_context - 1), PRESENT: (1, opt_context, max_context)}
+              PAST: (0, opt_context - 1, max_context - 1), PRESENT: (1, opt_context, max_context)}
     initializers = {t.name for t in model.graph.initializer}
     shapes = {}
     for value in model.graph.input:

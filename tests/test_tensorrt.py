@@ -65,6 +65,16 @@ def test_tensorrt_graph_makes_skip_mask_a_required_input_and_computes_the_same(b
         np.testing.assert_array_equal(a, b)
 
 
+def test_profile_min_and_opt_points_are_consistent_decode_steps(base):
+    shapes = profile_shapes(onnx.load(str(_trt_onnx(base))), max_batch=2, max_context=512)
+    for point in (0, 1):  # min, opt: past + new tokens = attention_mask length, one batch size throughout
+        seq, total, past = (shapes["input_ids"][point][1], shapes["attention_mask"][point][1],
+                            shapes["past_key_values.3.value"][point][2])
+        assert past + seq == total, (point, past, seq, total)
+        assert len({shapes[n][point][0] for n in shapes if n != "skip_mask"}) == 1
+    assert shapes["attention_mask"][2] == (2, 512) and shapes["past_key_values.0.key"][2][2] == 511
+
+
 # -- planning ---------------------------------------------------------------------------------------------
 def test_engine_io_splits_inputs_outputs_and_checks_the_contract():
     io = GraphIO(2)

@@ -28,8 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MissingDependencyError, SkipToolError
+from ..errors import SkipToolError
 from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK, GraphIO
+from ..exporters.tensorrt import ENGINE_FILE, require_tensorrt, tensorrt_unavailable
+
+__all__ = ["TrtBackend", "generate_from_engine", "tensorrt_backend_factory", "tensorrt_unavailable"]
 
 # TensorRT DataType member names (trt.DataType.<NAME>) -> torch dtype names
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -109,33 +112,8 @@ def context_limit(profile_max_mask_shape: Sequence[int]) -> int:
 # ------------------------------------------------------------------------------------------------
 # TensorRT and CUDA
 # ------------------------------------------------------------------------------------------------
-def tensorrt_unavailable() -> str | None:
-    """Why a TensorRT engine cannot run here (None when ``tensorrt`` imports and CUDA is available)."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed (pip install 'skiptool[tensorrt]'; needs an NVIDIA GPU)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "TensorRT needs a CUDA GPU and this torch build sees none"
-    return None
-
-
-def require_tensorrt_runtime() -> Any:
-    """The ``tensorrt`` module when an engine can run here, else one clear error line."""
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        raise MissingDependencyError(f"running a TensorRT engine: {reason}")
-    import tensorrt
-
-    return tensorrt
-
-
 def locate_engine(path: str | Path) -> tuple[Path, Path]:
     """(engine file, export directory) from an engine file or an export directory holding one."""
-    from ..exporters.tensorrt import ENGINE_FILE
-
     path = Path(path)
     engine = path / ENGINE_FILE if path.is_dir() else path
     if not engine.is_file():
@@ -146,7 +124,7 @@ def locate_engine(path: str | Path) -> tuple[Path, Path]:
 
 def load_engine(engine_path: Path) -> Any:
     """Deserialize a TensorRT engine (needs ``tensorrt`` and CUDA)."""
-    trt = require_tensorrt_runtime()
+    trt = require_tensorrt("running a TensorRT engine")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
@@ -267,7 +245,8 @@ class TrtBackend:
                                 f"(at most {self.max_length}); rebuild the engine with a larger max_context")
         mask = self.skip_mask if self.skip_mask is not None else np.zeros(self.io.num_layers, dtype=np.int64)
         feeds = step_feeds(self.length, token_ids, mask if self.plan.has_skip_mask else None)
-        outputs = self._run(feeds)
+        shapes = step_input_shapes(self.io, self.length, n, self.kv_heads, self.head_dim, self.plan.has_skip_mask)
+        outputs = self._run(feeds, shapes)
         self._past = rotate(self.io, outputs)
         self.length += n
         logits = outputs[LOGITS][0].float().cpu().numpy()
@@ -278,8 +257,9 @@ class TrtBackend:
                 self._counted_tokens += n
         return logits
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """One engine execution on the past plus `feeds`; the outputs as torch tensors (stream synchronised)."""
+    def _run(self, feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """One engine execution on the past plus `feeds` (planned input `shapes`); the outputs as torch
+        tensors (stream synchronised)."""
         import contextlib
 
         import torch
@@ -289,8 +269,10 @@ class TrtBackend:
             inputs = {name: self._to_engine(name, array) for name, array in feeds.items()}
             inputs.update(self._past)
             for name, tensor in inputs.items():
-                if not ctx.set_input_shape(name, tuple(tensor.shape)):
-                    raise SkipToolError(f"TensorRT refused shape {tuple(tensor.shape)} for input {name} "
+                if tuple(tensor.shape) != shapes[name]:
+                    raise RuntimeError(f"{name} holds shape {tuple(tensor.shape)}, the step needs {shapes[name]}")
+                if not ctx.set_input_shape(name, shapes[name]):
+                    raise SkipToolError(f"TensorRT refused shape {shapes[name]} for input {name} "
                                         "(outside the engine's optimisation profile?)")
                 self._bind(name, tensor)
             outputs = {}
@@ -346,7 +328,7 @@ def generate_from_engine(path: str | Path, prompt: str, raw: bool = False, max_n
     from .onnxruntime import generate_text
 
     engine_path, folder = locate_engine(path)
-    require_tensorrt_runtime()
+    require_tensorrt("generate --engine")
     backend = TrtBackend.from_export(engine_path, skip_mask)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
