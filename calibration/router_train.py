@@ -21,7 +21,6 @@ the FFN, whether that layer's FFN runs for the token. Training:
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..config import CONFIG_FILENAME, ArtifactRef, PolicySpec, SkipConfig
+from ..config import ArtifactRef, PolicySpec, SkipConfig
 from ..data import DataSpec
 from ..errors import ConfigError
-from ..fileio import atomic_path, ensure_writable_dir
+from ..fileio import ensure_writable_dir
 from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
                         build_policy)
 from ..runtime import SkipRuntime, load_standins, skipping
@@ -386,9 +385,9 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     router_path = routers.cpu().save(out_dir / ROUTER_FILENAME)
     standin_path = standins.cpu().save(out_dir / TRAINED_STANDIN_FILENAME) if standins is not None else None
     standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_) if standins is not None
-                   else _standin_beside(config, out_dir))
+                   else _absolute(config, config.standin))
     new_config = _router_config(config, settings, heldout, history, out_dir, data, blocks.shape[0], standin_ref)
-    config_path = new_config.save(out_dir / CONFIG_FILENAME)
+    config_path = new_config.save_with_artifacts(out_dir)  # a base config's fixed stand-ins are copied beside it
     return RouterTrainResult(new_config, config_path, router_path, standin_path, heldout, dense_nll, cost, history,
                              time.perf_counter() - start)
 
@@ -413,17 +412,8 @@ def initial_standins(model: nn.Module, adapter: ArchAdapter, config: SkipConfig,
     return fit_standins(model, adapter, blocks, layers, rank, config.warmup)
 
 
-def _standin_beside(config: SkipConfig, out_dir: Path) -> ArtifactRef | None:
-    """The config's stand-in reference, its file copied into `out_dir` when the config lives elsewhere."""
-    ref = config.standin
-    if ref is None:
-        return None
-    source = config.resolve(ref.path).resolve()
-    if source.parent == out_dir.resolve():
-        return ArtifactRef(source.name, ref.rank)
-    with atomic_path(out_dir / source.name, suffix=source.suffix) as tmp:
-        shutil.copyfile(source, tmp)
-    return ArtifactRef(source.name, ref.rank)
+def _absolute(config: SkipConfig, ref: ArtifactRef | None) -> ArtifactRef | None:
+    return None if ref is None else ArtifactRef(str(config.resolve(ref.path).resolve()), ref.rank)
 
 
 def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: HeldOut,

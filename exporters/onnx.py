@@ -14,10 +14,9 @@ the PyTorch skip runtime, optional quantization / TensorRT engine, then config, 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +25,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from skiptool.config import ArtifactRef, PolicySpec, SkipConfig, dense_config, load_config
+from skiptool.config import PolicySpec, SkipConfig, dense_config, load_config
 from skiptool.errors import ConfigError, SkipToolError
 from skiptool.fileio import atomic_directory, write_json_atomic
 from skiptool.policies import NeverSkip, RandomSkip
@@ -370,14 +369,7 @@ def _export_info(lm: Any, config: SkipConfig, dense: bool, dtype: str, quantize:
 
 def _write_side_files(lm: Any, config: SkipConfig, tmp: Path) -> None:
     """Skip config (with its router / stand-in weights copied beside it), tokenizer, genai_config.json."""
-    refs = {}
-    for name in ("router", "standin"):
-        ref: ArtifactRef | None = getattr(config, name)
-        if ref is not None:
-            src = config.resolve(ref.path)
-            shutil.copy2(src, tmp / src.name)
-            refs[name] = replace(ref, path=src.name)
-    replace(config, base_dir=tmp, **refs).save(tmp)
+    config.save_with_artifacts(tmp)
     lm.tokenizer.save_pretrained(str(tmp))
     write_json_atomic(tmp / "genai_config.json", genai_config(lm))
 

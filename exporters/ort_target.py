@@ -12,6 +12,11 @@ changes only what skipping needs:
   :meth:`SkipPolicy.init_state` / :meth:`SkipPolicy.update`) is exported per layer with ``torch.onnx`` on
   the signals the fused graph has — attention delta (``o_proj`` output), residual sum (the post-attention
   norm's ``output_3``), the FFN input and output — and spliced in. No second copy of any rule.
+  A policy whose rule reads no layer signal (static mask, dense + override) exports
+  :meth:`SkipPolicy.decide_all` once for every layer instead; each layer then adds only a ``Gather``
+  of its condition (the per-layer policy nodes cost ~10 % of an int4 decode step).
+- with stand-ins in the config, the branches add the layer's stand-in ``up(down(x))`` (two small
+  MatMuls and an Add, fp32/fp16 weights even in an int4 graph) instead of zeros.
   A batch skips an FFN only when every token's decision says skip; otherwise rows whose decision says
   skip get zeros (as in the PyTorch runtime).
 - ``skip_mask`` (int64 ``[num_layers]``: 1 force skip, -1 force compute, 0 policy) overrides the
@@ -149,6 +154,20 @@ class _Decide(nn.Module):
                 override: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         skip = self.policy.decide(LayerSignals(self.layer, h_in, attn_delta, h_mid, x), positions, state, override)
         return skip.all(), skip
+
+
+class _DecideAll(nn.Module):
+    """Every layer's decision at once, exactly :meth:`SkipPolicy.decide_all`, for a signal-free policy (static
+    mask, dense + override): a handful of nodes for the whole model instead of a few per layer."""
+
+    def __init__(self, policy: SkipPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, positions: Tensor, override: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.policy.decide_all(positions, override)
+        assert skip is not None
+        return skip.flatten(1).all(1), skip
 
 
 class _Update(nn.Module):
@@ -289,8 +308,14 @@ def _is_used(graph: Any, value: str) -> bool:
     return any(value in n.input for n in graph.node) or any(value == o.name for o in graph.output)
 
 
-def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int) -> Any:
-    """Move the layer's MLP nodes into an If: then (all skip) = zeros, else = MLP (zeros for rows that skip)."""
+def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int, layer_index: str | None = None,
+              standin: nn.Module | None = None) -> Any:
+    """Move the layer's MLP nodes into an If: then (all skip) = the substitute, else = the MLP (the substitute
+    for rows that skip). The substitute is zeros, or the layer's stand-in ``up(down(x))``.
+
+    `skip` is the layer's ``[batch, seq]`` decision, or with `layer_index` (a scalar int64 value) the all-layer
+    ``[layers, batch, seq]`` decision that the compute branch indexes (only when it runs).
+    """
     from onnx import helper
 
     p = f"/model/layers.{taps.layer}/mlp"
@@ -300,27 +325,50 @@ def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int) 
         graph.node.remove(n)
         n.output[:] = [inner if o == taps.ffn_out else o for o in n.output]
         moved.append(n)
-    zero = helper.make_tensor(f"{p}/zero", io_dtype, [], [0])
-    compute_nodes = moved + [
-        helper.make_node("Constant", [], [f"{p}/zero"], name=f"{p}/zero", value=zero),
-        helper.make_node("Unsqueeze", [skip, f"{p}/last_axis"], [f"{p}/skip_rows"], name=f"{p}/skip_rows"),
-        helper.make_node("Where", [f"{p}/skip_rows", f"{p}/zero", inner], [f"{p}/compute_output"], name=f"{p}/Where"),
+    skip_rows = [helper.make_node("Gather", [skip, layer_index], [f"{p}/skip_layer"], name=f"{p}/skip_layer",
+                                  axis=0)] if layer_index is not None else []
+    layer_skip = f"{p}/skip_layer" if layer_index is not None else skip
+    compute_sub, compute_value = _substitute_nodes(graph, taps, f"{p}/compute", io_dtype, standin)
+    skip_sub, skip_value = _substitute_nodes(graph, taps, f"{p}/skip", io_dtype, standin)
+    compute_nodes = moved + skip_rows + compute_sub + [
+        helper.make_node("Constant", [], [f"{p}/last_axis"], name=f"{p}/last_axis",
+                         value=helper.make_tensor(f"{p}/last_axis", 7, [1], [-1])),
+        helper.make_node("Unsqueeze", [layer_skip, f"{p}/last_axis"], [f"{p}/skip_rows"], name=f"{p}/skip_rows"),
+        helper.make_node("Where", [f"{p}/skip_rows", compute_value, inner], [f"{p}/compute_output"], name=f"{p}/Where"),
     ]
-    compute_nodes.insert(0, helper.make_node("Constant", [], [f"{p}/last_axis"], name=f"{p}/last_axis",
-                                          value=helper.make_tensor(f"{p}/last_axis", 7, [1], [-1])))
-    skip_nodes = [
-        helper.make_node("Shape", [taps.x], [f"{p}/zeros_shape"], name=f"{p}/zeros_shape"),
-        helper.make_node("ConstantOfShape", [f"{p}/zeros_shape"], [f"{p}/skip_output"], name=f"{p}/zeros",
-                         value=helper.make_tensor("value", io_dtype, [1], [0])),
-    ]
+    skip_nodes = skip_sub + [helper.make_node("Identity", [skip_value], [f"{p}/skip_output"], name=f"{p}/skip_out")]
     compute_g = helper.make_graph(compute_nodes, f"{p}/compute", [],
-                               [helper.make_tensor_value_info(f"{p}/compute_output", io_dtype, None)])
+                                  [helper.make_tensor_value_info(f"{p}/compute_output", io_dtype, None)])
     skip_g = helper.make_graph(skip_nodes, f"{p}/skip", [],
                                [helper.make_tensor_value_info(f"{p}/skip_output", io_dtype, None)])
-    # cond is "every token skips": then -> zeros, else -> the MLP
+    # cond is "every token skips": then -> the substitute, else -> the MLP
     node = helper.make_node("If", [cond], [taps.ffn_out], name=f"{p}/If", then_branch=skip_g, else_branch=compute_g)
     graph.node.append(node)
     return node
+
+
+def _substitute_nodes(graph: Any, taps: LayerTaps, scope: str, io_dtype: int,
+                      standin: nn.Module | None) -> tuple[list[Any], str]:
+    """Nodes computing what a skipped FFN adds inside one branch: zeros of the FFN input's shape, or the
+    stand-in ``x @ down^T @ up^T + bias`` (its weights are main-graph initializers shared by both branches)."""
+    from onnx import helper, numpy_helper
+
+    if standin is None:
+        return [helper.make_node("Shape", [taps.x], [f"{scope}/zeros_shape"], name=f"{scope}/zeros_shape"),
+                helper.make_node("ConstantOfShape", [f"{scope}/zeros_shape"], [f"{scope}/substitute"],
+                                 name=f"{scope}/zeros", value=helper.make_tensor("value", io_dtype, [1], [0]))], \
+            f"{scope}/substitute"
+    w = f"/model/layers.{taps.layer}/standin"
+    if not any(i.name == f"{w}/down" for i in graph.initializer):
+        np_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
+        for name, value in (("down", standin.down.weight.T), ("up", standin.up.weight.T), ("bias", standin.up.bias)):
+            graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np_dtype),
+                                                             f"{w}/{name}"))
+    return [helper.make_node("MatMul", [taps.x, f"{w}/down"], [f"{scope}/standin_low"], name=f"{scope}/standin_down"),
+            helper.make_node("MatMul", [f"{scope}/standin_low", f"{w}/up"], [f"{scope}/standin_up"],
+                             name=f"{scope}/standin_up"),
+            helper.make_node("Add", [f"{scope}/standin_up", f"{w}/bias"], [f"{scope}/substitute"],
+                             name=f"{scope}/standin_bias")], f"{scope}/substitute"
 
 
 def _positions(graph: Any) -> str:
@@ -389,10 +437,12 @@ class SurgeryResult:
     skippable: list[int]
 
 
-def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False) -> SurgeryResult:
+def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False,
+                 standins: dict[int, nn.Module] | None = None) -> SurgeryResult:
     """Turn onnxruntime-genai's dense graph into the skipping graph for `policy` (in place).
 
-    `decision_outputs` adds ``skip_decision.{i}`` outputs (bool ``[batch, seq]``) for parity checks.
+    `standins` (per skippable layer) replace the zeros a skipped FFN adds. `decision_outputs` adds
+    ``skip_decision.{i}`` outputs (bool ``[batch, seq]``) for parity checks.
     """
     from onnx import TensorProto, helper
 
@@ -411,21 +461,30 @@ def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False)
     fresh = lambda: torch.randn(2, 3, hidden).to(torch_dtype)  # noqa: E731 (distinct tensors: no aliasing)
     pos = torch.arange(3).repeat(2, 1)
     override = torch.zeros(n, dtype=torch.int64)
+    all_layers = _export_decide_all(g, policy, pos, override, positions, opset)
     state = _export_init_state(g, policy, h, taps[0].h_in, opset)
     for t in taps:
         pre = f"/model/layers.{t.layer}/skip_policy"
         skip_name = None
         if policy.is_skippable(t.layer):
-            args = dict(h_in=fresh(), attn_delta=fresh(), h_mid=fresh(), x=fresh(), positions=pos, override=override)
-            names = dict(h_in=t.h_in, attn_delta=t.attn_delta, h_mid=t.h_mid, x=t.x, positions=positions,
-                         override=SKIP_MASK)
-            if state is not None:
-                args["state"], names["state"] = policy.init_state(h), state
-            sub = _export_small(_Decide(policy, t.layer), args, ["cond", "skip"], opset)
-            cond, skip_name = f"{pre}/cond", f"{pre}/skip"
-            _splice(g, sub, names, {"cond": cond, "skip": skip_name}, f"{pre}/decide", shape_proxy=taps[0].h_in)
-            _wrap_ffn(g, t, cond, skip_name, io_dtype)
+            standin = (standins or {}).get(t.layer)
+            if all_layers is not None:
+                cond, skip_name, index = _layer_of_all(g, all_layers, t.layer, pre)
+                _wrap_ffn(g, t, cond, all_layers[1], io_dtype, index, standin)
+            else:
+                args = dict(h_in=fresh(), attn_delta=fresh(), h_mid=fresh(), x=fresh(), positions=pos,
+                            override=override)
+                names = dict(h_in=t.h_in, attn_delta=t.attn_delta, h_mid=t.h_mid, x=t.x, positions=positions,
+                             override=SKIP_MASK)
+                if state is not None:
+                    args["state"], names["state"] = policy.init_state(h), state
+                sub = _export_small(_Decide(policy, t.layer), args, ["cond", "skip"], opset)
+                cond, skip_name = f"{pre}/cond", f"{pre}/skip"
+                _splice(g, sub, names, {"cond": cond, "skip": skip_name}, f"{pre}/decide", shape_proxy=taps[0].h_in)
+                _wrap_ffn(g, t, cond, skip_name, io_dtype, standin=standin)
             if decision_outputs:
+                if all_layers is not None:
+                    g.node.append(helper.make_node("Gather", [all_layers[1], index], [skip_name], axis=0))
                 g.node.append(helper.make_node("Identity", [skip_name], [f"skip_decision.{t.layer}"]))
                 g.output.append(helper.make_tensor_value_info(f"skip_decision.{t.layer}", TensorProto.BOOL,
                                                               ["batch_size", "sequence_length"]))
@@ -434,6 +493,29 @@ def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False)
     _toposort(g)
     if_nodes = sum(1 for node in g.node if node.op_type == "If")
     return SurgeryResult(model, if_nodes, [t.layer for t in taps if policy.is_skippable(t.layer)])
+
+
+def _export_decide_all(graph: Any, policy: SkipPolicy, pos: Tensor, override: Tensor, positions: str,
+                       opset: int) -> tuple[str, str] | None:
+    """Splice the all-layer decision of a signal-free policy once; ``(cond [layers], skip [layers, b, s])``."""
+    if policy.decide_all(pos, override) is None:
+        return None
+    out = (f"{DECISION_PREFIX}/all/cond", f"{DECISION_PREFIX}/all/skip")
+    sub = _export_small(_DecideAll(policy), {"positions": pos, "override": override}, ["cond", "skip"], opset)
+    _splice(graph, sub, {"positions": positions, "override": SKIP_MASK}, {"cond": out[0], "skip": out[1]},
+            f"{DECISION_PREFIX}/all")
+    return out
+
+
+def _layer_of_all(graph: Any, all_layers: tuple[str, str], layer: int, pre: str) -> tuple[str, str, str]:
+    """One node per layer: its If condition, a scalar Gather from the all-layer conditions."""
+    from onnx import helper
+
+    index = f"{pre}/index"
+    graph.initializer.append(helper.make_tensor(index, 7, [], [layer]))
+    cond = f"{pre}/cond"
+    graph.node.append(helper.make_node("Gather", [all_layers[0], index], [cond], name=f"{pre}/cond", axis=0))
+    return cond, f"{pre}/skip", index
 
 
 def _hidden_size(graph: Any, taps: LayerTaps) -> int:
@@ -518,14 +600,13 @@ def export_ort(hf_dir: str | Path, config: SkipConfig, out_dir: str | Path, quan
 
     from skiptool.fileio import atomic_directory
     from skiptool.policies import build_policy
+    from skiptool.runtime import load_standins
 
     if quantize not in PRECISIONS:
         raise ConfigError(f"unknown quantization {quantize!r} for --target ort (expected none, int8 or int4)")
-    if config.standin is not None:
-        raise ConfigError("--target ort does not support stand-ins yet (skipped FFNs add zeros); "
-                          "use --target tensorrt or drop the stand-in")
     config.check_matches(_ConfigOnly(hf_dir))
     policy = build_policy(config).eval()
+    standins = load_standins(config).by_layer() if config.standin is not None else None
     precision = PRECISIONS[quantize]
     say = progress or (lambda _msg: None)
     with atomic_directory(out_dir) as tmp:
@@ -533,13 +614,13 @@ def export_ort(hf_dir: str | Path, config: SkipConfig, out_dir: str | Path, quan
         dense = build_dense(hf_dir, tmp, precision)
         model = onnx.load(str(dense), load_external_data=False)
         say(f"adding the {config.policy.kind} policy and an If per skippable FFN")
-        result = add_skipping(model, policy)
+        result = add_skipping(model, policy, standins=standins)
         if result.if_nodes != len(config.skippable_layers):
             raise SkipToolError(f"expected {len(config.skippable_layers)} If nodes, found {result.if_nodes}")
         onnx.save(model, str(dense))
         onnx.save(override_variant(model), str(tmp / OVERRIDE_MODEL_FILE))
         _check_loads(tmp)
-        _write_config(config, tmp)
+        config.save_with_artifacts(tmp)
     out = Path(out_dir)
     return OrtExport(out, precision, result.skippable, op_counts(onnx.load(str(out / MODEL_FILE),
                                                                            load_external_data=False)))
@@ -584,16 +665,6 @@ def _check_loads(folder: Path) -> None:
             ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise SkipToolError(f"the exported {name} does not load in ONNX Runtime: {str(exc).splitlines()[0]}")
-
-
-def _write_config(config: SkipConfig, folder: Path) -> None:
-    """The skip config beside the graph, with its router weights (the graph holds them too)."""
-    cfg = config
-    if config.router is not None:
-        src = config.resolve(config.router.path)
-        shutil.copyfile(src, folder / src.name)
-        cfg = config.evolve(router=type(config.router)(src.name, config.router.rank))
-    cfg.save(folder)
 
 
 def genai_model(folder: str | Path, override: bool = False) -> Any:

@@ -125,6 +125,26 @@ class SkipConfig:
             path = path / CONFIG_FILENAME
         return write_json_atomic(path, self.to_dict())
 
+    def save_with_artifacts(self, folder: str | Path) -> Path:
+        """Save into `folder` with the router / stand-in weight files it names copied beside it."""
+        import shutil
+
+        from .fileio import atomic_path
+
+        folder, refs = Path(folder), {}
+        for name in ("router", "standin"):
+            ref: ArtifactRef | None = getattr(self, name)
+            if ref is None:
+                continue
+            src = self.resolve(ref.path)
+            if not src.is_file():
+                raise ConfigError(f"the {name} weights the skip config names are missing: {src}")
+            if src.resolve() != (folder / src.name).resolve():
+                with atomic_path(folder / src.name, suffix=src.suffix) as tmp:
+                    shutil.copyfile(src, tmp)
+            refs[name] = replace(ref, path=src.name)
+        return replace(self, base_dir=folder.resolve(), **refs).save(folder)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "SkipConfig":
         if not isinstance(data, dict):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +63,27 @@ class SkipPolicy(nn.Module):
         """New state after layer `layer`'s FFN block added `delta` (the FFN's or its substitute's)."""
         return state
 
+    def rule_all(self, positions: Tensor) -> Tensor | None:
+        """Every layer's rule at once, ``[num_layers, batch, seq]`` bool, for a policy whose rule reads no layer
+        signal and no state (``None`` otherwise). Exporters use it to decide all layers in a few nodes."""
+        return None
+
     def decide(self, s: LayerSignals, positions: Tensor, state: Tensor | None, override: Tensor | None) -> Tensor:
         """Final per-token decision for a skippable layer: rule, then override, then warm-up."""
-        skip = self.rule(s, state)
-        if override is not None:
-            forced = override[s.layer]
+        return self.gate(self.rule(s, state), positions, None if override is None else override[s.layer])
+
+    def decide_all(self, positions: Tensor, override: Tensor | None) -> Tensor | None:
+        """:meth:`decide` for every layer at once (``[num_layers, batch, seq]``; rows of cold layers are
+        meaningless), or ``None`` when the rule needs layer signals (see :meth:`rule_all`)."""
+        rules = self.rule_all(positions)
+        if rules is None:
+            return None
+        return self.gate(rules, positions, None if override is None else override.view(-1, 1, 1))
+
+    def gate(self, skip: Tensor, positions: Tensor, forced: Tensor | None) -> Tensor:
+        """The gating every policy shares: the override `forced` (1 skip, -1 compute, 0 rule), then warm-up.
+        `skip` is ``[batch, seq]`` (or ``[layers, batch, seq]`` with `forced` ``[layers, 1, 1]``)."""
+        if forced is not None:
             if skip.dtype == torch.bool:
                 skip = (skip | (forced == FORCE_SKIP)) & (forced != FORCE_COMPUTE)  # no bool Where: ORT lacks it
             else:
@@ -81,6 +96,9 @@ class NeverSkip(SkipPolicy):
     """Dense: the FFN always runs (useful with a forced override)."""
 
     kind = "none"
+
+    def rule_all(self, positions: Tensor) -> Tensor:
+        return torch.zeros((self.num_layers, *positions.shape), dtype=torch.bool, device=positions.device)
 
 
 class StaticMask(SkipPolicy):
@@ -96,6 +114,9 @@ class StaticMask(SkipPolicy):
 
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
         return self.mask[s.layer].expand(s.x.shape[:2])
+
+    def rule_all(self, positions: Tensor) -> Tensor:
+        return self.mask.view(-1, 1, 1).expand(self.num_layers, *positions.shape)
 
 
 class CosineGreedy(SkipPolicy):

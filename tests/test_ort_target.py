@@ -7,6 +7,7 @@ onnxruntime-genai's own generator.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import onnxruntime as ort  # noqa: E402
 
 from skiptool.adapters import adapter_for  # noqa: E402
 from skiptool.config import dense_config  # noqa: E402
+from skiptool.errors import SkipToolError  # noqa: E402
 from skiptool.exporters import ort_target as ot  # noqa: E402
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask  # noqa: E402
 from skiptool.runtime import skipping  # noqa: E402
@@ -70,10 +72,11 @@ POLICIES = {
 FORCED_MASK = [0, 1, -1, 1, 0, 0]  # layer 1 and 3 skipped, 2 computed, 4 follows the (never-skip) policy
 
 
-def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, decisions: bool = True) -> ot.SurgeryResult:
+def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, decisions: bool = True,
+                standins: dict | None = None) -> ot.SurgeryResult:
     """The skipping graph for `policy`, saved beside the dense graph's weights."""
     model = onnx.load(str(dense), load_external_data=False)
-    result = ot.add_skipping(model, policy, decision_outputs=decisions)
+    result = ot.add_skipping(model, policy, decision_outputs=decisions, standins=standins)
     onnx.save(model, str(folder / "skip.onnx"))
     return result
 
@@ -99,11 +102,12 @@ class _OrtDecoder:
         return out
 
 
-def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, skip_mask=None) -> dict[str, float]:
+def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, skip_mask=None,
+             standins: dict | None = None) -> dict[str, float]:
     """Prefill + DECODE_STEPS greedy steps through both; logits and per-layer decisions must match."""
     ort_run = _OrtDecoder(graph, ids.shape[0], skip_mask)
     cache, worst, seen = DynamicCache(), 0.0, []
-    with skipping(torch_model, adapter_for(torch_model), policy) as rt:
+    with skipping(torch_model, adapter_for(torch_model), policy, standins) as rt:
         if skip_mask is not None:
             rt.set_override(skip_mask)
         step_ids, start = ids, 0
@@ -241,15 +245,62 @@ def test_export_cli_rejects_an_unknown_target_in_one_line(hf_dir, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "out" / ot.MODEL_FILE).exists()
 
 
-def test_stand_ins_are_refused_with_a_clear_error(hf_dir, tmp_path):
-    from skiptool.config import ArtifactRef
-    from skiptool.errors import ConfigError
+def _standins(seed: int = 5):
+    from skiptool.standins import StandIns
 
-    config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1)
-    config = config.evolve(standin=ArtifactRef("standins.safetensors", rank=4))
-    with pytest.raises(ConfigError):
-        ot.export_ort(hf_dir, config, tmp_path / "out")
-    assert not (tmp_path / "out" / ot.MODEL_FILE).exists()
+    standins = StandIns(HIDDEN, 4, SKIPPABLE)
+    g = torch.Generator().manual_seed(seed)
+    for p in standins.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+        p.requires_grad_(False)
+    return standins
+
+
+@pytest.mark.parametrize("kind", ["forced", "router"])
+def test_ort_graph_with_stand_ins_matches_pytorch_runtime(kind, torch_model, dense_fp32):
+    policy, standins = POLICIES[kind](), _standins().by_layer()
+    _skip_graph(dense_fp32, policy, dense_fp32.parent, standins=standins)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    stats = _compare(torch_model, policy, dense_fp32.parent / "skip.onnx", ids,
+                     FORCED_MASK if kind == "forced" else None, standins)
+    assert 0.0 < stats["skip_ratio"] < 1.0
+
+
+def _policy_nodes(model) -> Counter:
+    """Nodes the policy added to the main graph, by layer (None: shared by all layers)."""
+    per_layer: Counter = Counter()
+    for node in model.graph.node:
+        if "/skip_policy" in node.name:
+            layer = node.name.split("/model/layers.")[1].split("/")[0] if "/model/layers." in node.name else None
+            per_layer[layer] += 1
+    return per_layer
+
+
+def test_signal_free_policies_decide_every_layer_at_once(dense_fp32):
+    static = onnx.load(str(dense_fp32), load_external_data=False)
+    ot.add_skipping(static, POLICIES["static"]())
+    router = onnx.load(str(dense_fp32), load_external_data=False)
+    ot.add_skipping(router, POLICIES["router"]())
+    static_nodes, router_nodes = _policy_nodes(static), _policy_nodes(router)
+    assert all(static_nodes[str(i)] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
+    assert all(router_nodes[str(i)] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
+
+
+def test_export_ort_copies_stand_ins_beside_the_config(hf_dir, tmp_path):
+    from skiptool.config import ArtifactRef, load_config
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    _standins().save(tmp_path / "standins.safetensors")
+    config = dense_config(model, cold_start=1, cold_end=1).with_policy("static", skip_layers=[2])
+    config = config.evolve(standin=ArtifactRef("standins.safetensors", rank=4), base_dir=tmp_path)
+    out = ot.export_ort(hf_dir, config, tmp_path / "out")
+    saved = load_config(out.out_dir)
+    assert saved.standin == ArtifactRef("standins.safetensors", rank=4)
+    assert (out.out_dir / "standins.safetensors").is_file() and out.op_counts["If"] == len(SKIPPABLE)
+    broken = config.evolve(standin=ArtifactRef("missing.safetensors", rank=4))
+    with pytest.raises(SkipToolError, match="not found"):
+        ot.export_ort(hf_dir, broken, tmp_path / "out2")
+    assert not (tmp_path / "out2" / ot.MODEL_FILE).exists()
 
 
 @pytest.mark.integration
