@@ -80,6 +80,124 @@ def test_a_folder_that_is_not_an_export_is_a_clear_error(tmp_path):
         OrtBackend(tmp_path)
 
 
+# -- IO binding and device placement ---------------------------------------------------------------
+class _RecordingBinding:
+    """Wraps an ``IOBinding``, recording how each input was bound (host numpy or OrtValue) and every output."""
+
+    def __init__(self, binding) -> None:
+        self.binding, self.inputs, self.outputs, self.runs = binding, {}, [], []
+
+    def bind_cpu_input(self, name, array):
+        self.inputs[name] = ("host", array)
+        self.binding.bind_cpu_input(name, array)
+
+    def bind_ortvalue_input(self, name, value):
+        self.inputs[name] = ("ortvalue", value)
+        self.binding.bind_ortvalue_input(name, value)
+
+    def bind_output(self, name, device):
+        self.outputs.append((name, device))
+        self.binding.bind_output(name, device)
+
+    def get_outputs(self):
+        values = self.binding.get_outputs()
+        self.runs.append((dict(self.inputs), values))
+        return values
+
+    def __getattr__(self, name):
+        return getattr(self.binding, name)
+
+
+def test_presents_are_bound_as_the_next_past_without_a_copy_and_skip_mask_on_the_host(base):
+    backend = OrtBackend(tiny_export(base, "static"), skip_mask=[0, 1, 1, 0])
+    recorder = backend._binding = _RecordingBinding(backend._binding)
+    backend.prefill(PROMPT)
+    backend.step(5)
+    (_, first_outputs), (second_inputs, _) = recorder.runs
+    presents = {name: value for name, value in zip(backend.io.output_names(), first_outputs)}
+    for past, present in zip(backend.io.past_names(), backend.io.present_names()):
+        how, value = second_inputs[past]
+        assert how == "ortvalue" and value.data_ptr() == presents[present].data_ptr(), past
+    how, mask = second_inputs["skip_mask"]
+    assert how == "host" and mask.tolist() == [0, 1, 1, 0]
+    assert dict(recorder.outputs)["logits"] == "cpu" and dict(recorder.outputs)["skip_decisions"] == "cpu"
+    assert backend.last_decisions[1:3].all()  # the forced skips reached the graph
+
+
+def test_without_a_skip_mask_the_files_default_of_zeros_is_bound(base):
+    backend = OrtBackend(tiny_export(base, "static"))
+    recorder = backend._binding = _RecordingBinding(backend._binding)
+    backend.prefill(PROMPT)
+    assert recorder.inputs["skip_mask"][1].tolist() == [0] * LAYERS
+
+
+def test_the_cuda_plan_binds_the_kv_cache_on_the_device_and_the_rest_on_the_host():
+    from skiptool.backends.onnxruntime import plan_placement
+    from skiptool.exporters.io_names import GraphIO
+
+    io = GraphIO(LAYERS)
+    plan = plan_placement(available=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert plan.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and plan.kv_device == "cuda"
+    assert {plan.device_of(n, io) for n in io.past_names() + io.present_names()} == {"cuda"}
+    assert {plan.device_of(n, io) for n in ("skip_mask", "input_ids", "attention_mask", "position_ids",
+                                            "logits", "skip_decisions")} == {"cpu"}
+    cpu = plan_placement(available=["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert cpu.providers == ("CPUExecutionProvider",) and cpu.device_of(io.past_names()[0], io) == "cpu"
+
+
+def test_default_providers_follow_what_onnxruntime_offers(monkeypatch):
+    import onnxruntime
+
+    from skiptool.backends.onnxruntime import default_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_cuda_request_on_a_cpu_only_build_falls_back_to_host_placement(base, monkeypatch):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider: the fallback cannot be observed")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning):
+        backend = OrtBackend(tiny_export(base, "static"))
+    assert backend.placement.providers == ("CPUExecutionProvider",) and backend.device == "cpu"
+    assert np.isfinite(backend.prefill(PROMPT)).all()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU (CUDAExecutionProvider not available)")
+def test_cuda_execution_provider_keeps_the_cache_on_the_gpu_and_matches_the_cpu(base):
+    out = tiny_export(base, "static")
+    gpu, cpu = OrtBackend(out, skip_mask=[0, 1, -1, 0]), OrtBackend(out, providers=["CPUExecutionProvider"],
+                                                                    skip_mask=[0, 1, -1, 0])
+    assert gpu.device == "cuda" and gpu.placement.providers[0] == "CUDAExecutionProvider"
+    np.testing.assert_allclose(gpu.prefill(PROMPT), cpu.prefill(PROMPT), atol=1e-4)
+    for token in range(8):
+        np.testing.assert_allclose(gpu.step(token), cpu.step(token), atol=1e-4)
+        np.testing.assert_array_equal(gpu.last_decisions, cpu.last_decisions)
+    assert gpu._past[0].device_name().lower() == "cuda"
+    assert gpu.skip_ratio() == pytest.approx(cpu.skip_ratio()) and gpu.per_layer_skip_ratio()[1] == 1.0
+
+
+def test_a_graph_with_external_weights_loads_through_the_bindable_copy(base, tmp_path):
+    import shutil
+
+    import onnx
+
+    src = tiny_export(base, "static")
+    out = tmp_path / "external"
+    shutil.copytree(src, out)
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)  # even shape constants external
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_array_equal(OrtBackend(out).block_logits(ids), OrtBackend(src).block_logits(ids))
+
+
 # -- the demo model ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def demo_export(demo, tmp_path_factory) -> Path:

@@ -1,17 +1,27 @@
 """ONNX Runtime decode backend for graphs written by ``skiptool export --format onnx``.
 
-One sequence at a time: the KV cache stays in ONNX Runtime's own buffers between steps: each step's
-``present.*`` outputs (``OrtValue``s, on the execution provider's device) are fed as the next step's
-``past_key_values.*`` inputs, never copied through numpy. (``run_with_ort_values`` rather than an
-``IOBinding``: a binding cannot address ``skip_mask``, an input backed by an initializer.) Session options are tuned for latency (sequential execution, one inter-op
-thread, all graph optimisations, a chosen intra-op thread count and spinning). The CUDA execution
-provider is used when onnxruntime-gpu and a GPU are present; the ``If`` conditions and the per-layer
-``skip_decisions`` are read on the host, so :meth:`OrtBackend.skip_ratio` is the ratio the graph realised.
+One sequence at a time, through an ``IOBinding``: each step's ``present.*`` outputs stay where ONNX
+Runtime produced them (``OrtValue``s on the KV device) and are bound as the next step's
+``past_key_values.*`` inputs, never copied through numpy; ``logits`` and ``skip_decisions`` are bound to
+the host and read once per step. Session options are tuned for latency (sequential execution, one
+inter-op thread, all graph optimisations, a chosen intra-op thread count and spinning).
+
+Where things run is one :class:`Placement` chosen by :func:`plan_placement` from
+``onnxruntime.get_available_providers()``: with onnxruntime-gpu and a GPU, the CUDA execution provider
+(then CPU) with the KV cache bound on ``cuda``; else CPU. ``skip_mask`` (the ``If`` conditions' input) and
+the token inputs are always bound on the host, and ``skip_decisions`` is read there, so
+:meth:`OrtBackend.skip_ratio` is the ratio the graph realised.
+
+``skip_mask`` is an initializer-backed optional input in the file; an ``IOBinding`` cannot address such an
+input (ONNX Runtime 1.32: "Failed to find NodeArg with name: skip_mask"), so the session is built from
+the graph with that initializer dropped and the backend always binds a mask (all zeros, the file's
+default, when none is set).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +32,10 @@ from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 
 EXPORT_INFO = "skiptool_export.json"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+HOST = "cpu"
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+INLINE_EXTERNAL_BYTES = 1 << 16  # external tensors up to this size are read into the graph when it is loaded
 
 
 def _ort() -> Any:
@@ -45,11 +59,39 @@ def read_export_info(model_dir: str | Path) -> dict[str, Any]:
         raise SkipToolError(f"cannot read {path}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Execution providers and the device of every bound tensor.
+
+    `kv_device` holds ``past_key_values.*`` / ``present.*`` (``"cuda"`` on the CUDA execution provider);
+    everything else — token inputs, ``skip_mask`` (read on the host by the ``If`` conditions), ``logits``
+    and ``skip_decisions`` — is bound on the host.
+    """
+
+    providers: tuple[str, ...]
+    kv_device: str = HOST
+
+    def device_of(self, name: str, io: GraphIO) -> str:
+        """Where the tensor `name` of a graph with I/O `io` is bound."""
+        kv = set(io.past_names()) | set(io.present_names())
+        return self.kv_device if name in kv else HOST
+
+
+def plan_placement(providers: Sequence[str] | None = None, available: Sequence[str] | None = None) -> Placement:
+    """CUDA (then CPU) with the KV cache on ``cuda`` when onnxruntime-gpu sees a GPU, else CPU.
+
+    `providers` forces a list (e.g. ``["CPUExecutionProvider"]``); `available` defaults to
+    ``onnxruntime.get_available_providers()``.
+    """
+    if providers is None:
+        available = list(available if available is not None else _ort().get_available_providers())
+        providers = [CUDA, CPU] if CUDA in available else [CPU]
+    return Placement(tuple(providers), "cuda" if providers[0] == CUDA else HOST)
+
+
 def default_providers() -> list[str]:
     """CUDA (then CPU) when onnxruntime-gpu sees a GPU, else CPU."""
-    available = _ort().get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
-        else ["CPUExecutionProvider"]
+    return list(plan_placement().providers)
 
 
 def session_options(threads: int | None = None, spin: bool | None = None) -> Any:
@@ -59,12 +101,37 @@ def session_options(threads: int | None = None, spin: bool | None = None) -> Any
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # the optional skip_mask initializer logs a (harmless) warning otherwise
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = int(threads)
     if spin is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
+
+
+def bindable_graph(path: Path, opts: Any) -> bytes:
+    """The graph at `path` with the ``skip_mask`` initializer dropped, so ``skip_mask`` is a plain input an
+    ``IOBinding`` can address. External weights are found through `opts` (their folder)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.name == SKIP_MASK:
+            model.graph.initializer.remove(init)
+            break
+    for tensor in _get_all_tensors(model):  # small external tensors inline: ORT's shape inference reads them
+        if uses_external_data(tensor) and _external_length(tensor) <= INLINE_EXTERNAL_BYTES:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    opts.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent.resolve()))
+    return model.SerializeToString()
+
+
+def _external_length(tensor: Any) -> int:
+    entries = {e.key: e.value for e in tensor.external_data}
+    return int(entries.get("length", 1 << 62))
 
 
 class OrtBackend:
@@ -79,20 +146,29 @@ class OrtBackend:
         self.precision: str = self.info.get("precision", "fp32")
         self.mode: str = self.info.get("mode", "skip")
         self.io = GraphIO(int(self.info["num_layers"]))
-        ort = _ort()
-        path = self.model_dir / self.info.get("file", "model.onnx")
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, spin),
-                                                providers=providers or default_providers())
-        except Exception as exc:  # noqa: BLE001 - a broken or missing graph is the user's input
-            raise SkipToolError(f"cannot load {path} in ONNX Runtime: {str(exc).splitlines()[0]}") from None
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        requested = plan_placement(providers)
+        self.session = self._load(self.model_dir / self.info.get("file", "model.onnx"), requested, threads, spin)
+        self.placement = plan_placement(self.session.get_providers())  # ORT falls back to CPU without a GPU
+        self.device = self.placement.kv_device
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_TYPES.get(types.get(self.io.past_names()[0], ""), np.float32)
-        self._ort = ort
-        self._outputs = self.io.output_names()
+        self._has_mask = SKIP_MASK in types
+        self._ort = _ort()
+        self._binding = self.session.io_binding()
+        self._past_names = self.io.past_names()
+        self._outputs = [(name, self.placement.device_of(name, self.io)) for name in self.io.output_names()]
         self.set_skip_mask(skip_mask)
         self.reset()
+
+    @staticmethod
+    def _load(path: Path, placement: Placement, threads: int | None, spin: bool | None) -> Any:
+        ort = _ort()
+        opts = session_options(threads, spin)
+        try:
+            graph = bindable_graph(path, opts)
+            return ort.InferenceSession(graph, opts, providers=list(placement.providers))
+        except Exception as exc:  # noqa: BLE001 - a broken or missing graph is the user's input
+            raise SkipToolError(f"cannot load {path} in ONNX Runtime: {str(exc).splitlines()[0]}") from None
 
     # -- configuration ---------------------------------------------------------------------------
     def set_skip_mask(self, skip_mask: Sequence[int] | None) -> None:
@@ -107,10 +183,7 @@ class OrtBackend:
 
     # -- DecodeBackend ---------------------------------------------------------------------------
     def reset(self) -> None:
-        ort = _ort()
-        kv_heads, head_dim = int(self.info["num_key_value_heads"]), int(self.info["head_dim"])
-        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=self.kv_dtype)
-        self._past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in self.io.past_names()]
+        self._past = self._empty_past(1)
         self.length = 0
         self.last_decisions: np.ndarray | None = None
         self._skipped = self._total = 0.0
@@ -137,23 +210,44 @@ class OrtBackend:
         """Append tokens to the cached sequence; return their logits ``[len(token_ids), vocab]`` (float32)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((1, self.length + n), dtype=np.int64),
-                 POSITION_IDS: np.arange(self.length, self.length + n, dtype=np.int64)[None]}
-        if self.skip_mask is not None:
-            feeds[SKIP_MASK] = self.skip_mask
-        values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
-        values.update(zip(self.io.past_names(), self._past))
-        outputs = self.session.run_with_ort_values(self._outputs, values)
-        self._past = outputs[1:-1]
+        positions = np.arange(self.length, self.length + n, dtype=np.int64)[None]
+        logits, decisions, self._past = self._run(ids, np.ones((1, self.length + n), dtype=np.int64), positions,
+                                                  self._past)
         self.length += n
-        self.last_decisions = outputs[-1].numpy()[:, 0, :]  # [num_layers, n]
+        self.last_decisions = decisions[:, 0, :]  # [num_layers, n]
         if count:
             self._count(self.last_decisions)
-        return outputs[0].numpy()[0].astype(np.float32, copy=False)
+        return logits[0].astype(np.float32, copy=False)
 
     def present(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The cached key and value of `layer` (``[1, kv_heads, length, head_dim]``)."""
         return self._past[2 * layer].numpy(), self._past[2 * layer + 1].numpy()
+
+    def _run(self, ids: np.ndarray, attention: np.ndarray, positions: np.ndarray,
+             past: list[Any]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+        """One bound run: (logits, skip_decisions) read on the host, the presents left on the KV device."""
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, attention), (POSITION_IDS, positions)):
+            binding.bind_cpu_input(name, array)
+        if self._has_mask:
+            binding.bind_cpu_input(SKIP_MASK, self._mask_value())
+        for name, value in zip(self._past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        for name, device in self._outputs:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[-1].numpy(), list(outputs[1:-1])
+
+    def _mask_value(self) -> np.ndarray:
+        return self.skip_mask if self.skip_mask is not None else np.zeros(self.io.num_layers, dtype=np.int64)
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        kv_heads, head_dim = int(self.info["num_key_value_heads"]), int(self.info["head_dim"])
+        empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=self.kv_dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in self.io.past_names()]
 
     # -- whole blocks (evaluation) ---------------------------------------------------------------
     def block_logits(self, token_ids: np.ndarray) -> np.ndarray:
@@ -164,14 +258,8 @@ class OrtBackend:
         """
         ids = np.asarray(token_ids, dtype=np.int64)
         batch, seq = ids.shape
-        kv_heads, head_dim = int(self.info["num_key_value_heads"]), int(self.info["head_dim"])
-        empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=self.kv_dtype)
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
-                 POSITION_IDS: np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
-                 **{name: empty for name in self.io.past_names()}}
-        if self.skip_mask is not None:
-            feeds[SKIP_MASK] = self.skip_mask
-        logits, decisions = self.session.run([LOGITS, SKIP_DECISIONS], feeds)
+        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        logits, decisions, _ = self._run(ids, np.ones_like(ids), positions, self._empty_past(batch))
         self.last_decisions = decisions
         self._count(decisions)
         return logits.astype(np.float32, copy=False)
