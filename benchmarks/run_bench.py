@@ -10,6 +10,10 @@
 2. Runs ``skiptool bench`` on both exports with forced ratios 0 (the ``If`` overhead), 25% and 50%,
    beside PyTorch eager and the peers (onnxruntime-genai fp32/int4, llama.cpp on the GGUF), interleaved.
 3. Writes ``OUT/bench-cpu.json``, ``OUT/bench-cpu.png`` and ``OUT/bench-cpu.md`` (the README's table).
+4. With ``--router-config DIR`` (a ``skiptool train-router`` output), a second run: the trained router (and its
+   stand-ins) in PyTorch and in the standard-ops export against its ``--dense`` twin, where skiptool's ONNX
+   Runtime backend counts the realised skip ratio, so the fraction of ideal includes the router's own cost.
+   Writes ``OUT/bench-cpu-router.{json,png,md}``.
 
 The machine should be otherwise idle: on 2 vCPUs any other busy process changes the figures a lot,
 and ONNX Runtime's intra-op spinning (``--spin``) makes that worse (see the README).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +75,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-ratio", default="0,0.25,0.5")
     parser.add_argument("--quality", action="store_true", help="add each run's perplexity on a small slice")
+    parser.add_argument("--router-config", type=Path, help="also bench this trained router config (see 4. above)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild the exports even when they exist")
     parser.add_argument("--standard", action="store_true",
                         help="also bench the standard-ops export (fp32, with and without If) in plain ONNX Runtime")
     args = parser.parse_args()
@@ -79,27 +86,37 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.exports or cache_root() / "bench-exports"
     config = args.config or dense_config(args.model, work)
+    if args.fresh:
+        for name in ("ort-none", "ort-int4", "onnx-fp32", "onnx-fp32-dense", "onnx-fp32-router"):
+            shutil.rmtree(work / name, ignore_errors=True)
     exports = [export_ort_target(args.model, config, q, work / f"ort-{q}") for q in ("none", "int4")]
     if args.standard:
         exports += [export_standard(args.model, config, "none", work / "onnx-fp32", dense=False),
                     export_standard(args.model, config, "none", work / "onnx-fp32-dense", dense=True)]
-    report = args.out / "bench-cpu.json"
-    cmd = ["skiptool", "bench", args.model, "--config", str(config), "--skip-ratio", args.skip_ratio,
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--spin", args.spin,
-           "--threads", str(args.threads), "--json", str(report)]
-    for folder in exports:
-        cmd += ["--onnx", str(folder)]
-    if args.quality:
-        cmd.append("--quality")
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--spin", args.spin,
+              "--threads", str(args.threads)] + (["--quality"] if args.quality else [])
+    run_bench(args.model, config, exports, ["--skip-ratio", args.skip_ratio, *common], args.out / "bench-cpu")
+    if args.router_config is not None:
+        router_exports = [export_standard(args.model, args.router_config, "none", work / "onnx-fp32-router", False),
+                          export_standard(args.model, config, "none", work / "onnx-fp32-dense", dense=True)]
+        run_bench(args.model, args.router_config, router_exports, ["--no-peers", *common],
+                  args.out / "bench-cpu-router")
+    return 0
 
+
+def run_bench(model: str, config: Path, exports: list[Path], options: list[str], stem: Path) -> None:
+    """One `skiptool bench` run over `exports`; writes STEM.json, STEM.png and STEM.md (printed)."""
     from skiptool.bench import report_markdown
 
-    table = args.out / "bench-cpu.md"
+    report = stem.with_suffix(".json")
+    cmd = ["skiptool", "bench", model, "--config", str(config), *options, "--json", str(report)]
+    for folder in exports:
+        cmd += ["--onnx", str(folder)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    table = stem.with_suffix(".md")
     table.write_text(report_markdown(json.loads(report.read_text())))
     print(table.read_text())
-    return 0
 
 
 if __name__ == "__main__":
