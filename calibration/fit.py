@@ -129,9 +129,10 @@ def replay_ratio(policy: CosineGreedy, saturation: Tensor, seq_len: int) -> floa
 
 @torch.no_grad()
 def measure_ratio(model: nn.Module, adapter: ArchAdapter, policy: CosineGreedy, blocks: Tensor,
-                  batch_size: int = 4, progress: Callable[[int, int], Any] | None = None) -> SkipStats:
+                  batch_size: int = 4, progress: Callable[[int, int], Any] | None = None,
+                  substitutes: dict[int, nn.Module] | None = None) -> SkipStats:
     """The runtime's counters after running `blocks` with `policy` (``.skip_ratio`` is the realised ratio)."""
-    with skipping(model, adapter, policy) as runtime:
+    with skipping(model, adapter, policy, substitutes) as runtime:
         run_blocks(model, blocks, batch_size, progress)
         return runtime.stats
 
@@ -150,9 +151,10 @@ class CosineFit:
 
 def fit_cosine(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, stats: LayerStats, target: float,
                skippable: list[int], greedy_k: int = 1, mode: str = "per-layer", tolerance: float = 0.005,
-               max_runs: int = 8, batch_size: int = 4,
-               progress: PhaseProgress | None = None) -> CosineFit:
-    """Thresholds (and greedy-k, if `greedy_k` cannot reach `target`) whose realised ratio on `blocks` hits `target`."""
+               max_runs: int = 8, batch_size: int = 4, progress: PhaseProgress | None = None,
+               substitutes: dict[int, nn.Module] | None = None) -> CosineFit:
+    """Thresholds (and greedy-k, if `greedy_k` cannot reach `target`) whose realised ratio on `blocks` hits `target`
+    (measured with `substitutes`, e.g. stand-ins, in place of the skipped FFNs: they change later saturations)."""
     num_layers, warmup, seq_len = stats.num_layers, stats.warmup, int(blocks.shape[1])
 
     def policy_at(p: float, k: int) -> CosineGreedy:
@@ -166,7 +168,8 @@ def fit_cosine(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, stats: La
     p, bias, best, runs = _solve(lambda q: predicted(q, k), target, 0.0, 1.0), 0.0, None, []
     for run in range(max_runs):
         counts = measure_ratio(model, adapter, policy_at(p, k), blocks, batch_size,
-                               None if progress is None else (lambda d, n, r=run: progress(f"fit run {r + 1}", d, n)))
+                               None if progress is None else (lambda d, n, r=run: progress(f"fit run {r + 1}", d, n)),
+                               substitutes)
         ratio = counts.skip_ratio
         runs.append({"p": p, "skip_ratio": ratio})
         if best is None or abs(ratio - target) < abs(best[1].skip_ratio - target):
@@ -218,7 +221,7 @@ class CalibrationSettings:
     threshold_mode: str = "per-layer"
     tolerance: float = 0.005
     batch_size: int = 4
-    standin_rank: int = 0  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs
+    standin_rank: int = 16  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs (0: none)
 
 
 @dataclass
@@ -263,13 +266,15 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     cold_start = auto[0] if settings.cold_start is None else settings.cold_start
     cold_end = auto[1] if settings.cold_end is None else settings.cold_end
     base = dense_config(model, source, cold_start, cold_end, settings.warmup)
+    standins = None
+    if settings.standin_rank > 0:  # fitted first: the thresholds are fitted with them in place
+        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin_rank, settings.warmup)
     fit = fit_cosine(model, adapter, blocks, stats, settings.target_skip, base.skippable_layers, settings.greedy_k,
-                     settings.threshold_mode, settings.tolerance, batch_size=settings.batch_size, progress=progress)
+                     settings.threshold_mode, settings.tolerance, batch_size=settings.batch_size, progress=progress,
+                     substitutes=None if standins is None else standins.by_layer())
     config = base.evolve(target_skip=settings.target_skip, metadata=_metadata(settings, data, fit, blocks)).with_policy(
         "cosine", thresholds=fit.thresholds, greedy_k=fit.greedy_k)
-    standins = None
-    if settings.standin_rank > 0:
-        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin_rank, settings.warmup)
+    if standins is not None:
         config = config.evolve(standin=ArtifactRef(STANDIN_FILENAME, settings.standin_rank))
     result = CalibrationResult(config, stats, fit, standins=standins)
     if out_dir is not None:

@@ -441,8 +441,8 @@ def calibrate(
     cold_end: Optional[int] = typer.Option(None, "--cold-end", help="Layers at the end that never skip "
                                            "(default: chosen from the statistics)."),
     threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles."),
-    stand_in: int = typer.Option(0, "--stand-in", min=0, help="Rank of closed-form low-rank stand-ins that replace "
-                                 "skipped FFNs (0 = none; 16 recommended)."),
+    stand_in: int = typer.Option(16, "--stand-in", min=0, help="Rank of closed-form low-rank stand-ins that replace "
+                                 "skipped FFNs (0 = none)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the layer statistics as JSON instead of a table."),
 ) -> None:

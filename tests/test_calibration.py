@@ -13,7 +13,7 @@ from skiptool.calibration.collect import collect_layer_stats, roc_auc
 from skiptool.calibration.fit import (CalibrationSettings, calibrate, choose_cold_regions, fit_cosine, measure_ratio,
                                       replay_decisions, replay_ratio, thresholds_for)
 from skiptool.config import load_config
-from skiptool.data import DataSpec
+from skiptool.data import DataSpec, token_blocks
 from skiptool.errors import SkipToolError
 from skiptool.policies import CosineGreedy, LayerSignals
 from skiptool.runtime import SkipLayer
@@ -209,7 +209,7 @@ def test_calibrate_writes_a_loadable_config_statistics_and_plot(tiny_model_dir, 
     assert (tmp_path / "out" / "layer_stats.png").read_bytes()[:4] == b"\x89PNG"
     assert math.isclose(result.fit.skip_ratio, config.metadata["skip_ratio"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["layer_stats.json", "layer_stats.png",
-                                                                   "skip_config.json"]
+                                                                   "skip_config.json", "standin.safetensors"]
 
 
 def test_calibrate_with_stand_in_writes_the_weights_the_config_names(tiny_model_dir, tmp_path):
@@ -227,6 +227,23 @@ def test_calibrate_with_stand_in_writes_the_weights_the_config_names(tiny_model_
     standins = load_standins(config)
     assert standins.layers == config.skippable_layers
     assert any(p.abs().sum() > 0 for p in standins.parameters())
+
+
+def test_thresholds_are_fitted_with_the_stand_ins_in_place(tiny_model_dir, tmp_path):
+    from skiptool.models import load_model
+    from skiptool.policies import build_policy
+
+    lm = load_model(str(tiny_model_dir))
+    text = word_text(tmp_path / "words.txt")
+    settings = CalibrationSettings(target_skip=0.2, samples=6, seq_len=40, warmup=8, standin_rank=8)
+    spec = DataSpec(str(text), part=(0, 0.5))
+    result = calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings)
+    blocks = token_blocks(lm.tokenizer, spec, 40, 6)
+    config = result.config.evolve(base_dir=None)
+    with_standins = measure_ratio(lm.model, lm.adapter, build_policy(config), blocks,
+                                  substitutes=result.standins.by_layer())
+    assert with_standins.skip_ratio == pytest.approx(result.fit.skip_ratio)  # the ratio the fit reported
+    assert abs(with_standins.skip_ratio - 0.2) <= 0.02
 
 
 # -- the command line: errors are one line, exit 1, and leave no output behind ----------------------
