@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from skiptool.cli import app
 from skiptool.config import ArtifactRef, dense_config, load_config
-from skiptool.errors import ConfigError
+from skiptool.errors import ConfigError, SkipToolError
 from skiptool.models import load_model
 from skiptool.policies import Routers
 from skiptool.standins import StandIns
@@ -203,7 +203,7 @@ def test_random_policy_is_refused(base, tmp_path):
 
 
 # -- quantization and precision ------------------------------------------------------------------------
-@pytest.mark.parametrize("scheme,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+@pytest.mark.parametrize("scheme,op", [("int8", "MatMulNBits"), ("int4", "MatMulNBits")])
 def test_quantization_reaches_the_weights_inside_if_branches(base, tmp_path, scheme, op):
     import shutil
 
@@ -221,6 +221,38 @@ def test_quantization_reaches_the_weights_inside_if_branches(base, tmp_path, sch
     quantized = OrtBackend(tmp_path).block_logits(ids)
     reference = OrtBackend(src).block_logits(ids)
     assert np.isfinite(quantized).all() and np.abs(quantized - reference).max() < 0.5
+
+
+@pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_branch_weights_have_the_schemes_bit_width(base, tmp_path, scheme, bits):
+    from skiptool.exporters.onnx import iter_nodes
+    from skiptool.exporters.quantize import check_quantized, quantize_graph
+
+    quantize_graph(tiny_export(base, "static") / "model.onnx", tmp_path / "model.onnx", scheme)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    widths = {a.i for n, inside in iter_nodes(model.graph) if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "bits"}
+    assert widths == {bits}
+    other = "int4" if scheme == "int8" else "int8"
+    with pytest.raises(SkipToolError, match="bit weights inside If branches"):
+        check_quantized(model, other)
+
+
+def test_int8_is_closer_to_fp32_than_int4(base, tmp_path):
+    from skiptool.backends.onnxruntime import OrtBackend
+    from skiptool.exporters.quantize import quantize_graph
+
+    src = tiny_export(base, "static")
+    ids = np.arange(1, 17)[None]
+    reference = OrtBackend(src).block_logits(ids)
+    errors = {}
+    for scheme in ("int8", "int4"):
+        out = tmp_path / scheme
+        out.mkdir()
+        shutil.copy(src / "skiptool_export.json", out)
+        quantize_graph(src / "model.onnx", out / "model.onnx", scheme)
+        errors[scheme] = float(np.abs(OrtBackend(out).block_logits(ids) - reference).max())
+    assert errors["int8"] < errors["int4"] / 4
 
 
 def test_fp16_export_loads_and_runs_close_to_fp32(base):
