@@ -53,11 +53,12 @@ def _if_graph(ffn_weight_type: str = "fp32") -> onnx.ModelProto:
     """x -> Gather(embedding) -> MatMul(attn) -> If(cond){then: zeros, else: FFN} -> MatMul(lm_head)."""
     hidden, inter, vocab = 4, 8, 100
     f32 = lambda shape, name: numpy_helper.from_array(np.ones(shape, np.float32), name)  # noqa: E731
-    if ffn_weight_type == "int4":  # MatMulNBits: packed uint8 blocks + fp32 scales, as ORT's quantizer writes
-        ffn_inits = [numpy_helper.from_array(np.ones((inter, 1, 2), np.uint8), "up_q"),
+    if ffn_weight_type in ("int4", "int8"):  # MatMulNBits: packed uint8 blocks + fp32 scales, as ORT writes
+        bits = int(ffn_weight_type[3:])
+        ffn_inits = [numpy_helper.from_array(np.ones((inter, 1, bits // 2), np.uint8), "up_q"),
                      numpy_helper.from_array(np.ones((inter, 1), np.float32), "up_s")]
         ffn_node = helper.make_node("MatMulNBits", ["x", "up_q", "up_s"], ["u"], domain="com.microsoft",
-                                    K=hidden, N=inter, bits=4, block_size=16)
+                                    K=hidden, N=inter, bits=bits, block_size=16)
     else:
         ffn_inits = [f32((hidden, inter), "up")]
         ffn_node = helper.make_node("MatMul", ["x", "up"], ["u"])
@@ -101,6 +102,7 @@ def test_an_int4_graph_gets_its_own_ideal_from_its_own_bytes():
     assert int4.heavy[0] < fp32.heavy[0]
     assert int4.basis(1).speedup(1.0) < fp32.basis(1).speedup(1.0)
     assert onnx_precision(_if_graph("int4")) == "int4" and onnx_precision(_if_graph()) == "fp32"
+    assert onnx_precision(_if_graph("int8")) == "int8"  # MatMulNBits with bits=8
 
 
 def test_four_bit_tensors_count_half_a_byte_per_element():

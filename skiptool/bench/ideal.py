@@ -211,6 +211,7 @@ def onnx_precision(model: Any) -> str:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     ops: set[str] = set()
+    nbits: set[int] = set()
     float_types: dict[int, int] = {}
 
     def scan(graph: Any) -> None:
@@ -221,10 +222,12 @@ def onnx_precision(model: Any) -> str:
             for attr in node.attribute:
                 if attr.type == attr.GRAPH:
                     scan(attr.g)
+                elif node.op_type == "MatMulNBits" and attr.name == "bits":
+                    nbits.add(int(attr.i))
 
     scan(model.graph)
     if "MatMulNBits" in ops:
-        return "int4"
+        return "int8" if nbits == {8} else "int4"  # the bits attribute defaults to 4
     if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul"}:
         return "int8"
     heaviest = max(float_types, key=float_types.get) if float_types else onnx.TensorProto.FLOAT
