@@ -160,3 +160,26 @@ def test_batched_decode_with_mixed_rows_calls_the_ffn_for_the_rows_that_compute(
 def test_apply_skip_refuses_a_policy_for_another_depth(tiny_model):
     with pytest.raises(ValueError, match="layers"):
         apply_skip(tiny_model, adapter_for(tiny_model), NeverSkip(LAYERS + 1, SKIPPABLE, 0))
+
+
+@pytest.mark.parametrize("make", [lambda: NeverSkip(6, [1, 2, 3, 4], 3),
+                                  lambda: StaticMask(6, [1, 2, 3, 4], 3, skip_layers=[2, 4])],
+                         ids=["none", "static"])
+def test_decide_all_equals_decide_layer_by_layer_under_overrides(make):
+    from skiptool.policies import LayerSignals
+
+    policy = make()
+    positions = torch.arange(6).repeat(2, 1)
+    h = torch.zeros(2, 6, 8)
+    for override in (None, torch.tensor([0, 1, -1, 0, 1, 0]), torch.tensor([0, -1, 1, -1, 0, 0])):
+        every = policy.decide_all(positions, override)
+        assert every.shape == (6, 2, 6)
+        for layer in policy.skippable_layers:
+            one = policy.decide(LayerSignals(layer, h, h, h, h), positions, None, override)
+            assert torch.equal(every[layer], one), (layer, override)
+
+
+def test_policies_that_read_layer_signals_have_no_all_layer_decision():
+    positions = torch.arange(4).unsqueeze(0)
+    assert CosineGreedy(6, [1, 2], 0, [None, 0.5, 0.5, None, None, None]).decide_all(positions, None) is None
+    assert RouterPolicy(6, [1, 2], 0, Routers(8, [1, 2])).decide_all(positions, None) is None
