@@ -369,6 +369,20 @@ def test_onnx_exports_pair_with_the_dense_export_of_their_precision_and_share_on
     assert backends[1].backend.mask == [-1, -1]
 
 
+def test_an_engine_folder_is_listed_as_a_skipped_tensorrt_run_without_tensorrt(tmp_path):
+    from skiptool.bench.plans import tensorrt_specs
+    from skiptool.exporters.tensorrt import tensorrt_unavailable
+
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT and a GPU are here: the engine would really run")
+    folder = _write_export(tmp_path / "trt", "skip", _if_graph())
+    plan = bench.ExportPlan.of(folder, None)
+    assert tensorrt_specs([plan], num_layers=2, ratios=[0.25]) == []  # no engine in the folder: no row
+    (folder / "model.engine").write_bytes(b"engine")
+    [row] = tensorrt_specs([plan], num_layers=2, ratios=[0.25])
+    assert row.backend == "tensorrt" and row.make is None and row.skipped.startswith("skipped: ")
+
+
 def test_a_folder_that_is_no_export_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(bench.SkipToolError):

@@ -160,16 +160,41 @@ def ort_export_specs(plans: Sequence[ExportPlan], num_layers: int, ratios: Seque
     (compared with the dense export of the same precision)."""
     from ..backends.onnxruntime import OrtBackend
 
+    return _folder_specs(plans, "onnxruntime", lambda d: OrtBackend(d, threads=threads, spin=spin), num_layers,
+                         ratios, lambda plan: plan.settings(threads, spin))
+
+
+def tensorrt_specs(plans: Sequence[ExportPlan], num_layers: int, ratios: Sequence[float]) -> list[RunSpec]:
+    """The TensorRT engines of ``--format tensorrt`` folders, as :func:`ort_export_specs` runs them; one skipped
+    row saying why when TensorRT or a GPU is missing."""
+    from ..backends.tensorrt_backend import TrtBackend, tensorrt_unavailable
+    from ..exporters.tensorrt import ENGINE_FILE
+
+    engines = [p for p in plans if (p.directory / ENGINE_FILE).is_file()]
+    if not engines:
+        return []
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        return [RunSpec("tensorrt", p.mode, p.precision, None, label=f"tensorrt {p.precision} {p.mode} ({p.directory.name})",
+                        skipped=f"skipped: {reason}") for p in engines]
+    return _folder_specs(engines, "tensorrt", TrtBackend.from_export, num_layers, ratios,
+                         lambda plan: {"graph": str(plan.directory), "if_nodes": plan.graph_bytes.num_ifs})
+
+
+def _folder_specs(plans: Sequence[ExportPlan], backend: str, open_backend: Callable[[Path], Any], num_layers: int,
+                  ratios: Sequence[float], settings_of: Callable[[ExportPlan], dict[str, Any]]) -> list[RunSpec]:
+    """Runs of skiptool's own export folders in one runtime: dense folders as they are, skipping folders with
+    their policy and forced ratios, each against the dense folder of the same precision."""
     specs, dense = [], {p.precision: p for p in plans if p.mode == "dense"}
     for plan in plans:
-        settings = plan.settings(threads, spin)
-        make = shared(lambda plan=plan: OrtBackend(plan.directory, threads=threads, spin=spin))
+        settings = settings_of(plan)
+        make = shared(lambda plan=plan: open_backend(plan.directory))
         if plan.mode == "dense":
-            specs.append(RunSpec("onnxruntime", "dense", plan.precision, make, settings=settings))
+            specs.append(RunSpec(backend, "dense", plan.precision, make, settings=settings))
             continue
         base = dense.get(plan.precision)
         basis = plan.basis(num_layers, base.graph_bytes if base is not None else None)
-        specs += export_variant_specs(plan, "onnxruntime", num_layers, ratios, lambda make=make: MaskedView(make(), None),
+        specs += export_variant_specs(plan, backend, num_layers, ratios, lambda make=make: MaskedView(make(), None),
                                       make, basis, settings)
     return sorted(specs, key=lambda s: (s.precision, s.mode != "dense"))
 
@@ -208,6 +233,7 @@ def plan_runs(req: "BenchRequest", lm: Any, config: Any | None, threads: int, ma
     specs = torch_specs(lm.model, lm.adapter, config, req.skip_ratios, req.device) if req.torch else []
     specs += ort_export_specs([p for p in plans if p.runner == "onnxruntime"], layers, req.skip_ratios, threads,
                               req.spin)
+    specs += tensorrt_specs([p for p in plans if p.runner == "onnxruntime"], layers, req.skip_ratios)
     peers = peer_specs(hf_dir, gguf, threads, req.spin, max_length, precisions, llama_cpp=req.peers)
     for plan in genai_plans:
         dense = genai_dense[plan.precision] / "model.onnx"
