@@ -38,7 +38,7 @@ from ..errors import SkipToolError
 from ..fileio import atomic_directory, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals
 from ..runtime import SkipStats, skipping
-from ..standins import StandIns
+from ..standins import DEFAULT_RANK, StandIns
 from .collect import LayerStats, collect_layer_stats, run_blocks
 from .standin_fit import fit_standins
 
@@ -221,7 +221,7 @@ class CalibrationSettings:
     threshold_mode: str = "per-layer"
     tolerance: float = 0.005
     batch_size: int = 4
-    standin_rank: int = 16  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs (0: none)
+    standin_rank: int = DEFAULT_RANK  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs (0: none)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..fileio import ensure_writable_dir
 from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
                         build_policy)
 from ..runtime import SkipRuntime, load_standins, skipping
-from ..standins import StandIns
+from ..standins import DEFAULT_RANK, StandIns
 from .fit import eligible_fraction
 from .standin_fit import fit_standins
 
@@ -68,7 +68,7 @@ class RouterTrainSettings:
     threshold: float | None = None  # None: refit on held-out blocks to the target ratio
     seed: int = 0
     device: str = "cpu"
-    standin_rank: int = 16  # 0: no trained stand-ins (a base config's own stand-ins are used as they are)
+    standin_rank: int = DEFAULT_RANK  # 0: no trained stand-ins (a base config's own stand-ins are used as they are)
     standin_init: str = "closed-form"  # or "zero"
     standin_lr: float = 1e-3
 
@@ -353,19 +353,21 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
                  data: DataSpec | None = None) -> RouterTrainResult:
     """Fit, train and threshold the routers for `config`'s cold regions and warm-up; write them to `out_dir`.
 
-    Writes ``router.safetensors`` then ``skip_config.json`` (policy ``router``), each atomically.
+    Writes ``router.safetensors``, the trained stand-ins (``router_standin.safetensors``, unless
+    ``standin_rank`` is 0: then a base config's own stand-ins are copied beside the config) and last
+    ``skip_config.json`` (policy ``router``), each atomically.
     """
     start = time.perf_counter()
     config.check_matches(model)
     out_dir = ensure_writable_dir(out_dir)
     torch.manual_seed(settings.seed)
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
+    rate = inner_rate(config, settings.target_skip, blocks.shape[1])  # an unreachable target fails first
     standins = initial_standins(model, adapter, config, train_blocks[: settings.init_blocks], settings)
     if standins is not None:
         substitutes: Substitutes = standins.by_layer()
     else:
         substitutes = load_standins(config).by_layer() if config.standin is not None else None
-    rate = inner_rate(config, settings.target_skip, blocks.shape[1])
     routers = fit_initial_routers(model, adapter, config, train_blocks[: settings.init_blocks], rate)
     routers.to(_device(model))
     history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step,

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..standins import StandIns, reduced_rank_fit
+from ..errors import ConfigError
+from ..standins import StandIns, check_rank, reduced_rank_fit
 
 
 class MomentAccumulator:
@@ -67,8 +68,10 @@ def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers:
                  warmup: int = 0, progress: Callable[[int], Any] | None = None) -> StandIns:
     """Fit a rank-`rank` stand-in for each layer in `layers` from dense forward passes over `blocks`."""
     if warmup >= blocks.shape[1]:
-        raise ValueError("warm-up covers the whole block: no tokens to fit on")
+        raise ConfigError(f"warm-up ({warmup}) covers the whole {blocks.shape[1]}-token block: no tokens to fit "
+                          "stand-ins on (use a longer --seq-len)")
     hidden = int(model.config.hidden_size)
+    check_rank(rank, hidden)
     acc = {i: MomentAccumulator(hidden) for i in layers}
     device = next(model.parameters()).device
     with _mlp_moments(model, adapter, layers, warmup, acc):

@@ -14,7 +14,7 @@ demo it gave perplexity 1.78x fp32 (1.06x with every ``down_proj`` left in fp32)
 without ``reduce_range`` were unusable on AVX2 CPUs without VNNI (u8 x s8 products saturate). Block-wise
 scales keep the outliers to their own block.
 
-Each returns the number of quantized ops inside ``If`` branches, and refuses a result where the
+The quantizer returns the number of quantized ops inside ``If`` branches, and refuses a result where the
 branches' MatMuls were left unquantized or quantized to another bit width.
 """
 

@@ -41,7 +41,6 @@ Candidate = Union[SkipPolicy, "tuple[SkipPolicy, dict[int, nn.Module] | None]", 
 CurveFactory = Callable[["SweepContext", float], Candidate]
 DEFAULT_TARGETS = (0.05, 0.10, 0.15, 0.25, 0.40)
 DEFAULT_CURVES = ("cosine", "cosine+standin", "random", "static")
-DEFAULT_STANDIN_RANK = 16
 EVAL_FILENAME, SWEEP_FILENAME, SWEEP_PLOT_FILENAME = "eval.json", "sweep.json", "sweep.png"
 
 
@@ -171,7 +170,6 @@ class SweepContext:
     batch_size: int = 1
     progress: Progress | None = None
     calibration_samples: int | None = None  # None: as many blocks as the config was calibrated on
-    memo: dict[Any, Any] = field(default_factory=dict)  # curves that share a fit (cosine, cosine+standin)
 
     @property
     def num_layers(self) -> int:
@@ -210,11 +208,12 @@ class SweepContext:
         config's stand-in rank, or 16)."""
         from .calibration.standin_fit import fit_standins
         from .runtime import load_standins
+        from .standins import DEFAULT_RANK
 
         cfg = self.config
         if cfg.standin is not None and cfg.policy.kind != "router":  # a router config's stand-ins are trained
             return load_standins(cfg).by_layer()
-        rank = cfg.standin.rank if cfg.standin is not None and cfg.standin.rank else DEFAULT_STANDIN_RANK
+        rank = cfg.standin.rank if cfg.standin is not None and cfg.standin.rank else DEFAULT_RANK
         return fit_standins(self.model, self.adapter, self.calibration_blocks, cfg.skippable_layers, rank,
                             cfg.warmup).by_layer()
 
@@ -283,15 +282,15 @@ def parse_targets(text: str) -> list[float]:
 @register_curve("cosine")
 def cosine_curve(ctx: SweepContext, target: float) -> Candidate:
     """FFN-SkipLLM with thresholds refitted on the calibration data so the evaluation ratio is `target`."""
-    if ("cosine", target) not in ctx.memo:
-        ctx.memo[("cosine", target)] = _fit_cosine_policy(ctx, target)
-    return ctx.memo[("cosine", target)]
+    return _fit_cosine_policy(ctx, target)
 
 
 @register_curve("cosine+standin")
 def cosine_standin_curve(ctx: SweepContext, target: float) -> Candidate:
-    """The ``cosine`` curve's policy with closed-form stand-ins adding their estimate where FFNs skip."""
-    return _with_standins(ctx, cosine_curve(ctx, target))
+    """FFN-SkipLLM with closed-form stand-ins adding their estimate where FFNs skip; the thresholds are fitted
+    with the stand-ins in place (they change later layers' saturation), as ``calibrate`` does."""
+    policy = _fit_cosine_policy(ctx, target, ctx.closed_form_standins)
+    return None if policy is None else (policy, ctx.closed_form_standins)
 
 
 @register_curve("static+standin")
@@ -305,7 +304,8 @@ def _with_standins(ctx: SweepContext, candidate: Candidate) -> Candidate:
     return None if policy is None else (policy, ctx.closed_form_standins)
 
 
-def _fit_cosine_policy(ctx: SweepContext, target: float) -> SkipPolicy | None:
+def _fit_cosine_policy(ctx: SweepContext, target: float,
+                       substitutes: dict[int, nn.Module] | None = None) -> SkipPolicy | None:
     from .calibration.fit import fit_cosine
     from .policies import CosineGreedy
 
@@ -318,7 +318,8 @@ def _fit_cosine_policy(ctx: SweepContext, target: float) -> SkipPolicy | None:
         fit = fit_cosine(ctx.model, ctx.adapter, blocks, stats, calib_target, cfg.skippable_layers, greedy_k,
                          cfg.metadata.get("threshold_mode", "per-layer"), tolerance=0.01, max_runs=3,
                          progress=None if progress is None else
-                         (lambda label, d, n: progress(f"cosine @ {target:.2f}: {label}", d, n)))
+                         (lambda label, d, n: progress(f"cosine @ {target:.2f}: {label}", d, n)),
+                         substitutes=substitutes)
     except SkipToolError:
         return None
     return CosineGreedy(ctx.num_layers, cfg.skippable_layers, cfg.warmup, fit.thresholds, fit.greedy_k)

@@ -97,7 +97,9 @@ class NeverSkip(SkipPolicy):
 
     kind = "none"
 
-    def rule_all(self, positions: Tensor) -> Tensor:
+    def rule_all(self, positions: Tensor) -> Tensor | None:
+        if type(self).rule is not NeverSkip.rule:  # a subclass with its own rule (e.g. a recorder) reads signals
+            return None
         return torch.zeros((self.num_layers, *positions.shape), dtype=torch.bool, device=positions.device)
 
 
@@ -115,7 +117,9 @@ class StaticMask(SkipPolicy):
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
         return self.mask[s.layer].expand(s.x.shape[:2])
 
-    def rule_all(self, positions: Tensor) -> Tensor:
+    def rule_all(self, positions: Tensor) -> Tensor | None:
+        if type(self).rule is not StaticMask.rule:
+            return None
         return self.mask.view(-1, 1, 1).expand(self.num_layers, *positions.shape)
 
 

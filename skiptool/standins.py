@@ -16,6 +16,14 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .fileio import read_safetensors, save_safetensors_atomic
 
+DEFAULT_RANK = 16  # the default of calibrate --stand-in, train-router --stand-in and eval's stand-in curves
+
+
+def check_rank(rank: int, hidden_size: int) -> None:
+    """A stand-in's rank must be in [1, hidden size] (a clear error otherwise)."""
+    if not 1 <= rank <= hidden_size:
+        raise ConfigError(f"stand-in rank must be between 1 and the hidden size {hidden_size} (got {rank})")
+
 
 class LowRankStandIn(nn.Module):
     """``x -> up(down(x))``: a rank-`rank` linear estimate of one layer's FFN output."""
@@ -40,6 +48,7 @@ class StandIns(nn.Module):
 
     def __init__(self, hidden_size: int, rank: int, layers: list[int]) -> None:
         super().__init__()
+        check_rank(rank, hidden_size)
         self.hidden_size, self.rank_, self.layers = hidden_size, rank, list(layers)
         self.maps = nn.ModuleDict({str(i): LowRankStandIn(hidden_size, rank) for i in self.layers})
 

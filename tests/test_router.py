@@ -108,7 +108,7 @@ def test_joint_stand_ins_start_from_the_closed_form_fit_or_from_zero(tiny_model,
 
 
 def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model, tmp_path):
-    from skiptool.runtime import runtime_from_config
+    from skiptool.runtime import load_standins, runtime_from_config
     from skiptool.standins import LowRankStandIn
 
     config = _config(tiny_model)
@@ -125,6 +125,36 @@ def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model
         assert len(subs) == 4 and all(isinstance(s, LowRankStandIn) and s.rank == 4 for s in subs)
     finally:
         runtime.remove()
+    start = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks()[:2], _settings(standin_rank=4))
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(),
+                                                      load_standins(saved).state_dict().values()))  # trained
+
+
+def test_without_trained_stand_ins_a_base_configs_own_are_copied_beside_the_router(tiny_model, tmp_path):
+    from skiptool.config import ArtifactRef
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    config = _config(tiny_model)
+    fitted = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks(2), _settings(standin_rank=4))
+    fitted.save(base_dir / "standin.safetensors")
+    config = config.evolve(standin=ArtifactRef("standin.safetensors", 4), base_dir=base_dir)
+    rt.train_router(tiny_model, adapter_for(tiny_model), config, _blocks(), tmp_path / "out",
+                    _settings(steps=1, standin_rank=0))
+    saved = load_config(tmp_path / "out")
+    assert saved.standin == ArtifactRef("standin.safetensors", 4)
+    assert (tmp_path / "out" / "standin.safetensors").read_bytes() == (base_dir / "standin.safetensors").read_bytes()
+
+
+def test_a_stand_in_rank_above_the_hidden_size_or_a_block_inside_the_warm_up_is_one_config_error(tiny_model,
+                                                                                                 tmp_path):
+    with pytest.raises(ConfigError, match="rank"):
+        rt.train_router(tiny_model, adapter_for(tiny_model), _config(tiny_model), _blocks(), tmp_path,
+                        _settings(standin_rank=64))
+    with pytest.raises(ConfigError):
+        rt.train_router(tiny_model, adapter_for(tiny_model), _config(tiny_model, warmup=32), _blocks(), tmp_path,
+                        _settings(standin_rank=4))
+    assert not (tmp_path / "skip_config.json").exists()
 
 
 def test_training_decisions_are_hard_in_the_forward_pass_with_a_gradient(tiny_model):

@@ -32,7 +32,7 @@ from ..errors import SkipToolError
 from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK, GraphIO
 from ..exporters.tensorrt import ENGINE_FILE, require_tensorrt, tensorrt_unavailable
 
-__all__ = ["TrtBackend", "generate_from_engine", "tensorrt_backend_factory", "tensorrt_unavailable"]
+__all__ = ["TrtBackend", "generate_from_engine", "tensorrt_unavailable"]
 
 # TensorRT DataType member names (trt.DataType.<NAME>) -> torch dtype names
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -310,13 +310,6 @@ class TrtBackend:
 # ------------------------------------------------------------------------------------------------
 # entry points for the CLI and the benchmark
 # ------------------------------------------------------------------------------------------------
-def tensorrt_backend_factory(path: str | Path, skip_mask: Sequence[int] | None = None
-                             ) -> Callable[[], TrtBackend]:
-    """For ``bench``: a zero-argument maker of the engine's backend (check :func:`tensorrt_unavailable`
-    first and list a skipped row with its reason when it is not None)."""
-    return lambda: TrtBackend.from_export(path, skip_mask)
-
-
 def generate_from_engine(path: str | Path, prompt: str, raw: bool = False, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                          on_text: Callable[[str], None] | None = None,
