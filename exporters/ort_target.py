@@ -314,7 +314,8 @@ def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int, 
     for rows that skip). The substitute is zeros, or the layer's stand-in ``up(down(x))``.
 
     `skip` is the layer's ``[batch, seq]`` decision, or with `layer_index` (a scalar int64 value) the all-layer
-    ``[layers, batch, seq]`` decision that the compute branch indexes (only when it runs).
+    ``[layers, batch, seq, 1]`` decision that the compute branch indexes (only when it runs). The compute
+    branch adds as few nodes as it can to the MLP's (they run at every decode step).
     """
     from onnx import helper
 
@@ -325,18 +326,17 @@ def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int, 
         graph.node.remove(n)
         n.output[:] = [inner if o == taps.ffn_out else o for o in n.output]
         moved.append(n)
-    skip_rows = [helper.make_node("Gather", [skip, layer_index], [f"{p}/skip_layer"], name=f"{p}/skip_layer",
-                                  axis=0)] if layer_index is not None else []
-    layer_skip = f"{p}/skip_layer" if layer_index is not None else skip
-    compute_sub, compute_value = _substitute_nodes(graph, taps, f"{p}/compute", io_dtype, standin)
-    skip_sub, skip_value = _substitute_nodes(graph, taps, f"{p}/skip", io_dtype, standin)
-    compute_nodes = moved + skip_rows + compute_sub + [
-        helper.make_node("Constant", [], [f"{p}/last_axis"], name=f"{p}/last_axis",
-                         value=helper.make_tensor(f"{p}/last_axis", 7, [1], [-1])),
-        helper.make_node("Unsqueeze", [layer_skip, f"{p}/last_axis"], [f"{p}/skip_rows"], name=f"{p}/skip_rows"),
-        helper.make_node("Where", [f"{p}/skip_rows", compute_value, inner], [f"{p}/compute_output"], name=f"{p}/Where"),
-    ]
-    skip_nodes = skip_sub + [helper.make_node("Identity", [skip_value], [f"{p}/skip_output"], name=f"{p}/skip_out")]
+    rows = f"{p}/skip_rows"  # [batch, seq, 1]
+    if layer_index is not None:
+        row_nodes = [helper.make_node("Gather", [skip, layer_index], [rows], name=rows, axis=0)]
+    else:
+        row_nodes = [helper.make_node("Unsqueeze", [skip, _shared_constant(graph, "last_axis", 7, [1], [-1])], [rows],
+                                      name=rows)]
+    compute_sub, compute_value = _substitute_nodes(graph, taps, f"{p}/compute", io_dtype, standin, broadcast=True)
+    skip_sub, _ = _substitute_nodes(graph, taps, f"{p}/skip", io_dtype, standin, out=f"{p}/skip_output")
+    compute_nodes = moved + row_nodes + compute_sub + [
+        helper.make_node("Where", [rows, compute_value, inner], [f"{p}/compute_output"], name=f"{p}/Where")]
+    skip_nodes = skip_sub
     compute_g = helper.make_graph(compute_nodes, f"{p}/compute", [],
                                   [helper.make_tensor_value_info(f"{p}/compute_output", io_dtype, None)])
     skip_g = helper.make_graph(skip_nodes, f"{p}/skip", [],
@@ -347,17 +347,20 @@ def _wrap_ffn(graph: Any, taps: LayerTaps, cond: str, skip: str, io_dtype: int, 
     return node
 
 
-def _substitute_nodes(graph: Any, taps: LayerTaps, scope: str, io_dtype: int,
-                      standin: nn.Module | None) -> tuple[list[Any], str]:
-    """Nodes computing what a skipped FFN adds inside one branch: zeros of the FFN input's shape, or the
+def _substitute_nodes(graph: Any, taps: LayerTaps, scope: str, io_dtype: int, standin: nn.Module | None,
+                      out: str | None = None, broadcast: bool = False) -> tuple[list[Any], str]:
+    """Nodes computing what a skipped FFN adds inside one branch, and the value they write (`out`): zeros of
+    the FFN input's shape (with `broadcast`, no nodes: a shared scalar zero that ``Where`` broadcasts), or the
     stand-in ``x @ down^T @ up^T + bias`` (its weights are main-graph initializers shared by both branches)."""
     from onnx import helper, numpy_helper
 
+    out = out or f"{scope}/substitute"
     if standin is None:
+        if broadcast:
+            return [], _shared_constant(graph, "zero", io_dtype, [], [0])
         return [helper.make_node("Shape", [taps.x], [f"{scope}/zeros_shape"], name=f"{scope}/zeros_shape"),
-                helper.make_node("ConstantOfShape", [f"{scope}/zeros_shape"], [f"{scope}/substitute"],
-                                 name=f"{scope}/zeros", value=helper.make_tensor("value", io_dtype, [1], [0]))], \
-            f"{scope}/substitute"
+                helper.make_node("ConstantOfShape", [f"{scope}/zeros_shape"], [out], name=f"{scope}/zeros",
+                                 value=helper.make_tensor("value", io_dtype, [1], [0]))], out
     w = f"/model/layers.{taps.layer}/standin"
     if not any(i.name == f"{w}/down" for i in graph.initializer):
         np_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
@@ -367,8 +370,17 @@ def _substitute_nodes(graph: Any, taps: LayerTaps, scope: str, io_dtype: int,
     return [helper.make_node("MatMul", [taps.x, f"{w}/down"], [f"{scope}/standin_low"], name=f"{scope}/standin_down"),
             helper.make_node("MatMul", [f"{scope}/standin_low", f"{w}/up"], [f"{scope}/standin_up"],
                              name=f"{scope}/standin_up"),
-            helper.make_node("Add", [f"{scope}/standin_up", f"{w}/bias"], [f"{scope}/substitute"],
-                             name=f"{scope}/standin_bias")], f"{scope}/substitute"
+            helper.make_node("Add", [f"{scope}/standin_up", f"{w}/bias"], [out], name=f"{scope}/standin_bias")], out
+
+
+def _shared_constant(graph: Any, name: str, dtype: int, dims: list[int], values: list[Any]) -> str:
+    """A main-graph initializer ``{DECISION_PREFIX}/{name}`` (added once) that every layer's nodes can read."""
+    from onnx import helper
+
+    full = f"{DECISION_PREFIX}/{name}"
+    if not any(i.name == full for i in graph.initializer):
+        graph.initializer.append(helper.make_tensor(full, dtype, dims, values))
+    return full
 
 
 def _positions(graph: Any) -> str:
@@ -470,7 +482,7 @@ def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False,
             standin = (standins or {}).get(t.layer)
             if all_layers is not None:
                 cond, skip_name, index = _layer_of_all(g, all_layers, t.layer, pre)
-                _wrap_ffn(g, t, cond, all_layers[1], io_dtype, index, standin)
+                _wrap_ffn(g, t, cond, all_layers[2], io_dtype, index, standin)
             else:
                 args = dict(h_in=fresh(), attn_delta=fresh(), h_mid=fresh(), x=fresh(), positions=pos,
                             override=override)
@@ -496,18 +508,23 @@ def add_skipping(model: Any, policy: SkipPolicy, decision_outputs: bool = False,
 
 
 def _export_decide_all(graph: Any, policy: SkipPolicy, pos: Tensor, override: Tensor, positions: str,
-                       opset: int) -> tuple[str, str] | None:
-    """Splice the all-layer decision of a signal-free policy once; ``(cond [layers], skip [layers, b, s])``."""
+                       opset: int) -> tuple[str, str, str] | None:
+    """Splice the all-layer decision of a signal-free policy once; ``(cond [layers], skip [layers, b, s],
+    skip rows [layers, b, s, 1])``."""
     if policy.decide_all(pos, override) is None:
         return None
-    out = (f"{DECISION_PREFIX}/all/cond", f"{DECISION_PREFIX}/all/skip")
+    from onnx import helper
+
+    out = (f"{DECISION_PREFIX}/all/cond", f"{DECISION_PREFIX}/all/skip", f"{DECISION_PREFIX}/all/skip_rows")
     sub = _export_small(_DecideAll(policy), {"positions": pos, "override": override}, ["cond", "skip"], opset)
     _splice(graph, sub, {"positions": positions, "override": SKIP_MASK}, {"cond": out[0], "skip": out[1]},
             f"{DECISION_PREFIX}/all")
+    graph.node.append(helper.make_node("Unsqueeze", [out[1], _shared_constant(graph, "last_axis", 7, [1], [-1])],
+                                       [out[2]], name=out[2]))  # once for all layers: [layers, batch, seq, 1]
     return out
 
 
-def _layer_of_all(graph: Any, all_layers: tuple[str, str], layer: int, pre: str) -> tuple[str, str, str]:
+def _layer_of_all(graph: Any, all_layers: tuple[str, str, str], layer: int, pre: str) -> tuple[str, str, str]:
     """One node per layer: its If condition, a scalar Gather from the all-layer conditions."""
     from onnx import helper
 
