@@ -56,7 +56,7 @@ class RouterTrainSettings:
     """Hyper-parameters of :func:`train_router` (defaults: the demo model on a CPU in minutes)."""
 
     target_skip: float = 0.25
-    steps: int = 40
+    steps: int = 120  # 40 steps: 1.81x dense perplexity at 24 % on the demo, 120 steps: 1.66x
     lr: float = 2e-3
     seq_len: int = 512
     batch_size: int = 1

@@ -321,7 +321,8 @@ def train_router(
     part: str = typer.Option("0:0.5", "--part", help="Fractions START:END of the text to train on."),
     target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=0.99,
                                       help="Realised share of all FFN blocks to skip (all layers and positions)."),
-    steps: int = typer.Option(40, "--steps", min=0),
+    steps: int = typer.Option(120, "--steps", min=0, help="Training steps (one block each; ~25 min on 2 CPU cores "
+                              "for the demo model)."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0),
     seq_len: int = typer.Option(512, "--seq-len", min=2),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
