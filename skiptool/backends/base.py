@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..errors import SkipToolError
+
 
 class DecodeBackend(Protocol):
     name: str  # e.g. "torch", "onnxruntime"
@@ -30,6 +32,37 @@ class DecodeBackend(Protocol):
 
     def skip_ratio(self) -> float | None:
         """FFN skip ratio over the decode steps since the last reset (None if the backend cannot tell)."""
+
+
+def parse_skip_mask(skip_mask: Sequence[int], num_layers: int) -> np.ndarray:
+    """A per-layer override (1 force skip, -1 force compute, 0 policy) as the graphs' int64 vector, or one
+    clear error when its length is not the number of layers."""
+    mask = np.asarray(skip_mask, dtype=np.int64).reshape(-1)
+    if mask.shape[0] != num_layers:
+        raise SkipToolError(f"skip_mask needs {num_layers} entries (one per layer), got {mask.shape[0]}")
+    return mask
+
+
+class DecisionCounter:
+    """Skipped (layer, token) FFN blocks, counted from an exported graph's ``skip_decisions`` output."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.skipped_per_layer = np.zeros(num_layers)
+        self.tokens = 0
+
+    def add(self, decisions: np.ndarray) -> None:
+        """Add one pass's decisions ``[num_layers, ...tokens]`` (batch and sequence axes flattened)."""
+        flat = decisions.reshape(decisions.shape[0], -1)
+        self.skipped_per_layer += flat.sum(axis=1)
+        self.tokens += flat.shape[1]
+
+    @property
+    def ratio(self) -> float:
+        total = self.tokens * len(self.skipped_per_layer)
+        return float(self.skipped_per_layer.sum()) / total if total else 0.0
+
+    def per_layer(self) -> list[float]:
+        return (self.skipped_per_layer / max(self.tokens, 1)).tolist()
 
 
 @dataclass

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import MissingDependencyError, SkipToolError
-from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK, GraphIO
+from .base import DecisionCounter, parse_skip_mask
+from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SKIP_MASK, GraphIO
 
 EXPORT_INFO = "skiptool_export.json"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -176,19 +177,14 @@ class OrtBackend:
         if skip_mask is None:
             self.skip_mask = None
             return
-        mask = np.asarray(skip_mask, dtype=np.int64).reshape(-1)
-        if mask.shape[0] != self.io.num_layers:
-            raise SkipToolError(f"skip_mask needs {self.io.num_layers} entries (one per layer), got {mask.shape[0]}")
-        self.skip_mask = mask
+        self.skip_mask = parse_skip_mask(skip_mask, self.io.num_layers)
 
     # -- DecodeBackend ---------------------------------------------------------------------------
     def reset(self) -> None:
         self._past = self._empty_past(1)
         self.length = 0
         self.last_decisions: np.ndarray | None = None
-        self._skipped = self._total = 0.0
-        self._skipped_per_layer = np.zeros(self.io.num_layers)
-        self._total_per_layer = 0.0
+        self.counter = DecisionCounter(self.io.num_layers)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return self.forward(token_ids, count=False)[-1]
@@ -199,11 +195,11 @@ class OrtBackend:
     def skip_ratio(self) -> float | None:
         """Skipped (layer, token) FFN blocks over all of them since :meth:`reset` (decode steps and
         :meth:`block_logits` passes; not the prefill)."""
-        return self._skipped / self._total if self._total else 0.0
+        return self.counter.ratio
 
     def per_layer_skip_ratio(self) -> list[float]:
         """Per layer, the share of counted tokens whose FFN was skipped (cold layers 0)."""
-        return (self._skipped_per_layer / max(self._total_per_layer, 1.0)).tolist()
+        return self.counter.per_layer()
 
     # -- the decode loop -------------------------------------------------------------------------
     def forward(self, token_ids: Sequence[int], count: bool = True) -> np.ndarray:
@@ -216,7 +212,7 @@ class OrtBackend:
         self.length += n
         self.last_decisions = decisions[:, 0, :]  # [num_layers, n]
         if count:
-            self._count(self.last_decisions)
+            self.counter.add(self.last_decisions)
         return logits[0].astype(np.float32, copy=False)
 
     def present(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,16 +257,8 @@ class OrtBackend:
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
         logits, decisions, _ = self._run(ids, np.ones_like(ids), positions, self._empty_past(batch))
         self.last_decisions = decisions
-        self._count(decisions)
+        self.counter.add(decisions)
         return logits.astype(np.float32, copy=False)
-
-    def _count(self, decisions: np.ndarray) -> None:
-        """Add a pass's decisions ``[num_layers, batch, seq]`` (or ``[num_layers, seq]``) to the counters."""
-        flat = decisions.reshape(decisions.shape[0], -1)
-        self._skipped_per_layer += flat.sum(axis=1)
-        self._total_per_layer += flat.shape[1]
-        self._skipped += float(flat.sum())
-        self._total += float(flat.size)
 
 
 def generate_text(backend: OrtBackend, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int = 64,

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import SkipToolError
+from .base import DecisionCounter, parse_skip_mask
 from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK, GraphIO
 from ..exporters.tensorrt import ENGINE_FILE, require_tensorrt, tensorrt_unavailable
 
@@ -201,10 +202,7 @@ class TrtBackend:
         if not self.plan.has_skip_mask:
             raise SkipToolError("this TensorRT engine has no skip_mask input (its graph held it as a constant); "
                                 "rebuild it with the current `skiptool export --format tensorrt`")
-        mask = np.asarray(skip_mask, dtype=np.int64).reshape(-1)
-        if mask.shape[0] != self.io.num_layers:
-            raise SkipToolError(f"skip_mask needs {self.io.num_layers} entries (one per layer), got {mask.shape[0]}")
-        self.skip_mask = mask
+        self.skip_mask = parse_skip_mask(skip_mask, self.io.num_layers)
 
     # -- DecodeBackend ---------------------------------------------------------------------------
     def reset(self) -> None:
@@ -214,8 +212,7 @@ class TrtBackend:
         self._past = {n: torch.empty(empty, dtype=self.dtypes[n], device=self.device) for n in self.io.past_names()}
         self.length = 0
         self.last_decisions: np.ndarray | None = None
-        self._skipped_per_layer = np.zeros(self.io.num_layers)
-        self._counted_tokens = 0
+        self.counter = DecisionCounter(self.io.num_layers)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return self.forward(token_ids, count=False)[-1]
@@ -228,13 +225,12 @@ class TrtBackend:
         (None for an engine without a ``skip_decisions`` output)."""
         if not self.plan.has_decisions:
             return None
-        total = self._counted_tokens * self.io.num_layers
-        return float(self._skipped_per_layer.sum()) / total if total else 0.0
+        return self.counter.ratio
 
     def per_layer_skip_ratio(self) -> list[float] | None:
         if not self.plan.has_decisions:
             return None
-        return (self._skipped_per_layer / max(self._counted_tokens, 1)).tolist()
+        return self.counter.per_layer()
 
     # -- the decode loop -------------------------------------------------------------------------
     def forward(self, token_ids: Sequence[int], count: bool = True) -> np.ndarray:
@@ -253,8 +249,7 @@ class TrtBackend:
         if self.plan.has_decisions:
             self.last_decisions = outputs[SKIP_DECISIONS][:, 0, :].cpu().numpy()  # [num_layers, n]
             if count:
-                self._skipped_per_layer += self.last_decisions.sum(axis=1)
-                self._counted_tokens += n
+                self.counter.add(self.last_decisions)
         return logits
 
     def _run(self, feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
