@@ -1,0 +1,53 @@
+"""The GPU decode path: skippable-FFN kernels that read their decisions on the device, a static-KV-cache decode
+engine whose step is one CUDA graph, random-weight Llama shapes and decode-speed measurements.
+
+For ``--device cuda``::
+
+    from skiptool.gpu import DecodeEngine, require_cuda
+    device = require_cuda()                      # one clear SkipToolError without a GPU
+    engine = DecodeEngine(model, adapter, policy, batch_size=1, max_len=prompt_len + new_tokens, mode="device")
+    logits = engine.prefill(prompt_ids)          # eager
+    engine.capture()                             # the decode step as one CUDA graph (False on a CPU)
+    for _ in range(new_tokens):
+        logits = engine.step()                   # greedy; or step(token_ids)
+    engine.skip_summary()                        # counters, read from the device once
+
+Triton is optional: only :mod:`.triton_ffn` imports it, when a CUDA tensor reaches :func:`skippable_ffn`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "DecodeEngine": "skiptool.gpu.decoder",
+    "FFN_MODES": "skiptool.gpu.decoder",
+    "StaticKVCache": "skiptool.gpu.decoder",
+    "FFNWeights": "skiptool.gpu.kernels",
+    "LowRankWeights": "skiptool.gpu.kernels",
+    "skippable_ffn": "skiptool.gpu.kernels",
+    "reference_skippable_ffn": "skiptool.gpu.kernels",
+    "gathered_skippable_ffn": "skiptool.gpu.kernels",
+    "kernel_backend": "skiptool.gpu.kernels",
+    "triton_available": "skiptool.gpu.kernels",
+    "require_cuda": "skiptool.gpu.kernels",
+    "SHAPES": "skiptool.gpu.shapes",
+    "LlamaShape": "skiptool.gpu.shapes",
+    "build_random_llama": "skiptool.gpu.shapes",
+    "DecodeTiming": "skiptool.gpu.measure",
+    "time_decode": "skiptool.gpu.measure",
+    "decode_basis": "skiptool.gpu.measure",
+    "achieved_bandwidth": "skiptool.gpu.measure",
+    "copy_bandwidth": "skiptool.gpu.measure",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily, so ``import skiptool.gpu`` stays light."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'skiptool.gpu' has no attribute {name!r}")

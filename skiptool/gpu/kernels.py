@@ -1,0 +1,153 @@
+"""One skippable SwiGLU FFN, ``down(silu(gate(x)) * up(x))``, with its decisions read from device memory.
+
+Semantics (shared by every implementation here): ``x`` is ``[..., hidden]`` (its rows are the batch's tokens);
+``decisions`` holds one value per row (non-zero: that row skips) or a single value for every row (the layer's
+*all-skip* flag). Rows that skip get the substitute — zeros, or the rank-r stand-in
+``up @ (down @ x) + bias`` (:class:`LowRankWeights`) — and the other rows the FFN's output.
+
+- :func:`skippable_ffn` picks the implementation: the Triton kernels on CUDA (:mod:`.triton_ffn`: a fixed grid
+  whose blocks return at once when all their rows skip, so no decision is read on the host and a whole decode
+  step can be one CUDA graph), the PyTorch reference elsewhere.
+- :func:`reference_skippable_ffn` is that reference: branch-free (``torch.where``), so it is the CPU fallback, the
+  tests' oracle, and still graph-capturable on a GPU without Triton (it saves nothing there).
+- :func:`gathered_skippable_ffn` saves work eagerly (prefill, large batches): it counts the skipping rows on the
+  host and sends only the others through the FFN.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import ArchAdapter
+from ..errors import ConfigError, MissingDependencyError
+
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
+
+class FFNWeights(NamedTuple):
+    """A SwiGLU FFN's weights as ``nn.Linear`` stores them: gate, up ``[intermediate, hidden]``, down ``[hidden, intermediate]``."""
+
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+
+    @classmethod
+    def of(cls, mlp: nn.Module, adapter: ArchAdapter, activation: str) -> "FFNWeights":
+        """The weights of a model's MLP module (names from the adapter); refuses FFNs these kernels do not compute."""
+        linears = [getattr(mlp, name) for name in adapter.mlp_linears]
+        has_bias = any(lin.bias is not None for lin in linears)
+        if activation not in SWIGLU_ACTIVATIONS or has_bias:
+            raise ConfigError(f"the GPU decode path computes bias-free SwiGLU FFNs (silu); this model's FFN uses "
+                              f"{activation!r}{' with biases' if has_bias else ''}")
+        return cls(*(lin.weight for lin in linears))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self)
+
+
+class LowRankWeights(NamedTuple):
+    """A rank-r stand-in ``x -> up @ (down @ x) + bias``: down ``[r, hidden]``, up ``[hidden, r]``, bias ``[hidden]``."""
+
+    down: Tensor
+    up: Tensor
+    bias: Tensor
+
+    @classmethod
+    def of(cls, substitute: nn.Module | None, dtype: torch.dtype, device: torch.device) -> "LowRankWeights | None":
+        """The kernels' form of a layer's substitute: ``None`` (zeros) stays None, a low-rank stand-in gives its
+        weights in `dtype` on `device`."""
+        from ..standins import LowRankStandIn
+
+        if substitute is None:
+            return None
+        if not isinstance(substitute, LowRankStandIn):
+            raise ConfigError(f"the GPU decode path supports zero and low-rank stand-in substitutes, "
+                              f"not {type(substitute).__name__}")
+        weights = (substitute.down.weight, substitute.up.weight, substitute.up.bias)
+        return cls(*(w.detach().to(device=device, dtype=dtype).contiguous() for w in weights))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self)
+
+
+def flat_decisions(decisions: Tensor, rows: int) -> Tensor:
+    """The decisions as one flat tensor of `rows` values, or of one value (the all-rows flag)."""
+    flat = decisions.reshape(-1)
+    if flat.numel() not in (1, rows):
+        raise ValueError(f"decisions must hold 1 or {rows} values (one per row), not {flat.numel()}")
+    return flat
+
+
+def row_decisions(decisions: Tensor, rows: int) -> Tensor:
+    """``[rows]`` bool from per-row decisions or one all-rows flag (any dtype; non-zero means skip)."""
+    return flat_decisions(decisions, rows).ne(0).expand(rows)
+
+
+def swiglu(x: Tensor, ffn: FFNWeights) -> Tensor:
+    """The FFN itself, as Hugging Face's Llama MLP computes it."""
+    return F.linear(F.silu(F.linear(x, ffn.gate)) * F.linear(x, ffn.up), ffn.down)
+
+
+def substitute_output(x: Tensor, substitute: LowRankWeights | None) -> Tensor:
+    """What a skipped FFN adds instead: zeros, or the low-rank stand-in's estimate."""
+    if substitute is None:
+        return torch.zeros_like(x)
+    return F.linear(F.linear(x, substitute.down), substitute.up, substitute.bias)
+
+
+def reference_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
+                            substitute: LowRankWeights | None = None) -> Tensor:
+    """The semantics in plain PyTorch, branch-free: every row's FFN and substitute, merged by its decision."""
+    skip = row_decisions(decisions, x[..., 0].numel()).view(*x.shape[:-1], 1)
+    return torch.where(skip, substitute_output(x, substitute), swiglu(x, ffn))
+
+
+def gathered_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
+                           substitute: LowRankWeights | None = None) -> Tensor:
+    """The same semantics, eager: only the rows that compute go through the FFN (reads them on the host)."""
+    flat = x.reshape(-1, x.shape[-1])
+    keep = (~row_decisions(decisions, flat.shape[0])).nonzero().squeeze(-1)
+    out = substitute_output(flat, substitute)
+    if keep.numel():
+        out = out.index_copy(0, keep, swiglu(flat.index_select(0, keep), ffn))
+    return out.view_as(x)
+
+
+def skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankWeights | None = None) -> Tensor:
+    """The skippable FFN on `x`'s device: Triton kernels on CUDA (when Triton imports), the reference elsewhere."""
+    if kernel_backend(x.device) == "triton":
+        from .triton_ffn import triton_skippable_ffn
+
+        return triton_skippable_ffn(x, ffn, decisions, substitute)
+    return reference_skippable_ffn(x, ffn, decisions, substitute)
+
+
+def kernel_backend(device: torch.device | str) -> str:
+    """``"triton"`` where :func:`skippable_ffn` runs the kernels, ``"torch"`` where it runs the reference."""
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports (it is optional: only the CUDA kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_cuda() -> torch.device:
+    """The CUDA device, or one clear error saying why there is none (what ``--device cuda`` calls first)."""
+    if not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise MissingDependencyError(f"--device cuda needs an NVIDIA GPU and a CUDA build of PyTorch; this PyTorch "
+                                     f"{torch.__version__} is {build} and sees no GPU")
+    return torch.device("cuda", torch.cuda.current_device())

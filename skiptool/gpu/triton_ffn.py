@@ -1,0 +1,297 @@
+"""Triton kernels for one skippable SwiGLU FFN in the decode regime (a few rows, memory-bound).
+
+Imported only when used (Triton is optional). Two launches per FFN, each a fixed grid, so a CUDA graph replays
+them unchanged whatever the decisions; block ``(n, m)`` owns column tile ``n`` for up to ``BLOCK_M`` rows and reads
+its rows' decisions from device memory (the vLLM fused-MoE pattern: blocks exit early on a device flag):
+
+1. :func:`_gate_up_kernel` writes ``silu(x @ gate.T) * (x @ up.T)`` for its tile into the intermediate buffer,
+   reading the gate and up tiles once for all its rows. It returns at once when all its rows skip. With a
+   low-rank stand-in, one more block per row block computes the stand-in's rank-r bottleneck ``t = x @ down_s.T``,
+   only when some of its rows skip.
+2. :func:`_down_merge_kernel` writes ``h @ down.T`` for its tile, the skipping rows replaced by the substitute
+   (``t @ up_s.T + bias``, or zeros). When all its rows skip it writes the substitute and never reads the FFN.
+
+Every output element is written exactly once. A decode batch (at most 64 rows) is one row block, so "all its rows
+skip" is the layer's all-skip flag. ``tl.dot`` needs 16 rows: fewer are padded (masked loads).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .kernels import FFNWeights, LowRankWeights, flat_decisions
+
+HOPPER_MULTIPROCESSORS = 132  # H100/H200 SXM: the tile choice's guess where no device can be asked
+MAX_BLOCK_M = 64
+STAGE_WEIGHT_BYTES = 16 * 1024  # one weight matrix's bytes per pipeline stage (4 stages of gate+up: 128 KB shared)
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+                torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Device code
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _row_block(dec_ptr, dec_stride, M, BLOCK_M: tl.constexpr):
+    """This block's rows, which exist, which skip, and how many of each."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    skip = (tl.load(dec_ptr + rows * dec_stride, mask=row_ok, other=0) != 0) & row_ok
+    return rows, row_ok, skip, tl.sum(skip.to(tl.int32), axis=0), tl.sum(row_ok.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _rows_times_weight_t(a_ptr, rows, row_ok, w_ptr, cols, col_ok, K: tl.constexpr, acc, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """``acc + a[rows, :K] @ w[cols, :K].T`` for row-major ``a`` and ``w`` of K columns (w: an nn.Linear weight)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``(x @ gate[cols].T, x @ up[cols].T)`` in one pass over K, both weight streams in flight together."""
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w_offsets = cols[:, None] * K + ks[None, :]
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptr + w_offsets, mask=w_mask, other=0.0)
+        wu = tl.load(wu_ptr + w_offsets, mask=w_mask, other=0.0)
+        gate = tl.dot(x, tl.trans(wg), gate, input_precision=PRECISION)
+        up = tl.dot(x, tl.trans(wu), up, input_precision=PRECISION)
+    return gate, up
+
+
+@triton.jit
+def _store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``t[rows] = x[rows] @ down_s.T`` (fp32, ``[rows, R]``): the stand-in's input to its up projection."""
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    t = _rows_times_weight_t(x_ptr, rows, row_ok, sd_ptr, ranks, rank_ok, H,
+                             tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), BLOCK_K, PRECISION)
+    tl.store(t_ptr + rows[:, None] * R + ranks[None, :], t, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The substitute for this tile (fp32): ``t @ up_s[cols].T + bias[cols]``, or zeros."""
+    sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_LOWRANK:
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        t = tl.load(t_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        up = tl.load(su_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        bias = tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sub = tl.dot(t.to(up.dtype), tl.trans(up), sub, input_precision=PRECISION) + bias[None, :]
+    return sub
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, dec_ptr, sd_ptr, t_ptr, M, dec_stride, H: tl.constexpr,
+                    I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Grid ``(intermediate tiles [+1 with a stand-in], row blocks)``: h = silu(x gate^T) * (x up^T), or nothing."""
+    rows, row_ok, skip, n_skip, n_rows = _row_block(dec_ptr, dec_stride, M, BLOCK_M)
+    pid_n = tl.program_id(0)
+    if HAS_LOWRANK:
+        if pid_n == tl.cdiv(I, BLOCK_N):
+            if n_skip > 0:
+                _store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H, R, BLOCK_M, BLOCK_R, BLOCK_K,
+                                          PRECISION)
+            return
+    if n_skip == n_rows:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    gate, up = _gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                              PRECISION)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + rows[:, None] * I + cols[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_merge_kernel(h_ptr, wd_ptr, out_ptr, dec_ptr, t_ptr, su_ptr, sb_ptr, M, dec_stride, H: tl.constexpr,
+                       I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Grid ``(hidden tiles, row blocks)``: out = h down^T for computing rows, the substitute for skipping ones."""
+    rows, row_ok, skip, n_skip, n_rows = _row_block(dec_ptr, dec_stride, M, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    out_ptrs = out_ptr + rows[:, None] * H + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if n_skip == n_rows:
+        sub = _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M, BLOCK_N,
+                               BLOCK_R, PRECISION)
+        tl.store(out_ptrs, sub.to(out_ptr.dtype.element_ty), mask=out_mask)
+        return
+    acc = _rows_times_weight_t(h_ptr, rows, row_ok, wd_ptr, cols, col_ok, I,
+                               tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, PRECISION)
+    if n_skip > 0:
+        sub = _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M, BLOCK_N,
+                               BLOCK_R, PRECISION)
+        acc = tl.where(skip[:, None], sub, acc)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host code
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of both kernels (``num_warps`` / ``num_stages``: Triton's launch options)."""
+
+    block_m: int
+    block_n_gate_up: int
+    block_k_gate_up: int
+    block_n_down: int
+    block_k_down: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def choose_tiles(rows: int, hidden: int, intermediate: int, rank: int, multiprocessors: int,
+                 itemsize: int = 2) -> Tiles:
+    """Tiles for a memory-bound GEMV: about two blocks per multiprocessor (narrower column tiles until there are),
+    and K tiles that keep :data:`STAGE_WEIGHT_BYTES` of each weight matrix in flight per pipeline stage."""
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_m)
+    n_gate_up = _column_tile(intermediate, row_blocks, multiprocessors)
+    n_down = _column_tile(hidden, row_blocks, multiprocessors)
+    return Tiles(block_m, n_gate_up, _k_tile(hidden, n_gate_up, itemsize), n_down,
+                 _k_tile(intermediate, n_down, itemsize), max(16, triton.next_power_of_2(max(rank, 1))))
+
+
+def _column_tile(columns: int, row_blocks: int, multiprocessors: int) -> int:
+    for width in (64, 32):
+        if triton.cdiv(columns, width) * row_blocks >= 2 * multiprocessors:
+            return width
+    return 16
+
+
+def _k_tile(k: int, width: int, itemsize: int) -> int:
+    """The largest of 256/128/64/32/16 that divides `k` (no masked tail) and fits the per-stage byte budget."""
+    cap = max(16, STAGE_WEIGHT_BYTES // (width * itemsize))
+    return next((b for b in (256, 128, 64, 32, 16) if b <= cap and k % b == 0), min(64, cap))
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return HOPPER_MULTIPROCESSORS
+
+
+@dataclass
+class Launch:
+    """One kernel launch: the kernel, its grid, its arguments by name and Triton's launch options."""
+
+    kernel: Any
+    grid: tuple[int, int]
+    args: dict[str, Any]
+    options: dict[str, int]
+
+
+def launches(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankWeights | None,
+             tiles: Tiles | None = None) -> tuple[list[Launch], Tensor]:
+    """The two launches that compute the skippable FFN of `x` (``[rows, hidden]``, contiguous), and the output
+    they will write. Nothing is read from the tensors' data, so meta tensors work (for compiling ahead)."""
+    rows, hidden = x.shape
+    intermediate = ffn.gate.shape[0]
+    _check_dtypes(x, ffn, substitute)
+    decision_ptr, decision_stride = _decision_pointer(decisions, rows)
+    rank = substitute.down.shape[0] if substitute is not None else 0
+    tiles = tiles or choose_tiles(rows, hidden, intermediate, rank, multiprocessors(x.device), x.element_size())
+    h = torch.empty(rows, intermediate, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
+    bottleneck = torch.empty(rows, rank, dtype=torch.float32, device=x.device) if substitute is not None else x
+    s_down, s_up, s_bias = substitute if substitute is not None else (x, x, x)  # unread without a stand-in
+    common = dict(dec_ptr=decision_ptr, t_ptr=bottleneck, M=rows, H=hidden, I=intermediate, R=rank,
+                  dec_stride=decision_stride, HAS_LOWRANK=substitute is not None,
+                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=tiles.block_m,
+                  BLOCK_R=tiles.block_r)
+    row_blocks = triton.cdiv(rows, tiles.block_m)
+    ffn_programs = triton.cdiv(intermediate, tiles.block_n_gate_up)
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    gate_up = Launch(_gate_up_kernel, (ffn_programs + int(substitute is not None), row_blocks),
+                     dict(common, x_ptr=x, wg_ptr=ffn.gate, wu_ptr=ffn.up, h_ptr=h, sd_ptr=s_down, BLOCK_N=tiles.block_n_gate_up, BLOCK_K=tiles.block_k_gate_up),
+                     options)
+    down = Launch(_down_merge_kernel, (triton.cdiv(hidden, tiles.block_n_down), row_blocks),
+                  dict(common, h_ptr=h, wd_ptr=ffn.down, out_ptr=out, su_ptr=s_up, sb_ptr=s_bias,
+                       BLOCK_N=tiles.block_n_down, BLOCK_K=tiles.block_k_down), options)
+    return [gate_up, down], out
+
+
+def triton_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
+                         substitute: LowRankWeights | None = None, tiles: Tiles | None = None) -> Tensor:
+    """:func:`skiptool.gpu.kernels.reference_skippable_ffn`'s semantics in two fixed-grid launches, no host sync."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    planned, out = launches(flat, ffn, decisions, substitute, tiles)
+    for launch in planned:
+        launch.kernel[launch.grid](**launch.args, **launch.options)
+    return out.view_as(x)
+
+
+def compile_ahead(planned: list[Launch], arch: int = 90) -> list[Any]:
+    """Compile the launches for an NVIDIA target without a GPU (sm_90 = Hopper): checks that Triton accepts the
+    kernels and gives their PTX (``.asm["ptx"]``) and shared memory per block (``.metadata.shared``)."""
+    from triton.backends.compiler import GPUTarget
+
+    compiled = []
+    for launch in planned:
+        params = launch.kernel.params
+        signature = {p.name: "constexpr" if p.is_constexpr else _triton_type(launch.args[p.name]) for p in params}
+        constexprs = {p.name: launch.args[p.name] for p in params if p.is_constexpr}
+        aligned = {(p.num,): [["tt.divisibility", 16]] for p in params  # as Triton's launcher marks them
+                   if not p.is_constexpr and _divisible_by_16(launch.args[p.name])}
+        source = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs,
+                                           attrs=aligned)
+        compiled.append(triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch.options))
+    return compiled
+
+
+def _divisible_by_16(value: Any) -> bool:
+    """Pointers from PyTorch's allocator are 16-byte aligned; integers are marked when they divide by 16."""
+    return isinstance(value, Tensor) or int(value) % 16 == 0
+
+
+def _triton_type(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return "*" + TRITON_TYPES[value.dtype]
+    return "i32" if abs(int(value)) < 2**31 else "i64"
+
+
+def _decision_pointer(decisions: Tensor, rows: int) -> tuple[Tensor, int]:
+    """The decisions as the kernels read them: a flat tensor (bool viewed as bytes) and its row stride (0 for an
+    all-rows flag)."""
+    flat = flat_decisions(decisions, rows).contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat, 0 if flat.numel() == 1 else 1
+
+
+def _check_dtypes(x: Tensor, ffn: FFNWeights, substitute: LowRankWeights | None) -> None:
+    tensors = list(ffn) + (list(substitute) if substitute is not None else [])
+    if any(t.dtype != x.dtype for t in tensors) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the FFN kernels need the input, FFN and stand-in in one of fp32/fp16/bf16 "
+                         f"(got {x.dtype} and {sorted({str(t.dtype) for t in tensors})})")

@@ -1,0 +1,82 @@
+"""Run the Triton FFN kernels on the CPU under ``TRITON_INTERPRET=1`` and compare them with the reference.
+
+Run as a script by ``tests/test_gpu_path.py`` in a subprocess (the variable must be set before Triton builds the
+kernels, and must not leak into other tests). Prints one JSON object: case name -> its measured error or flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from skiptool.gpu.kernels import FFNWeights, LowRankWeights, reference_skippable_ffn  # noqa: E402
+from skiptool.gpu.triton_ffn import launches, triton_skippable_ffn  # noqa: E402
+
+HIDDEN, INTERMEDIATE, RANK = 64, 96, 8  # 96: the last intermediate tile is partly masked
+
+
+def weights(dtype: torch.dtype, seed: int) -> tuple[FFNWeights, LowRankWeights]:
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+
+    return (FFNWeights(draw(INTERMEDIATE, HIDDEN), draw(INTERMEDIATE, HIDDEN), draw(HIDDEN, INTERMEDIATE)),
+            LowRankWeights(draw(RANK, HIDDEN), draw(HIDDEN, RANK), draw(HIDDEN)))
+
+
+def relative_error(decisions: torch.Tensor, rows: int, standin: bool, dtype: torch.dtype = torch.float32) -> float:
+    """‖triton − reference‖ / ‖reference‖ (reference in fp32 from the same rounded weights)."""
+    ffn, low = weights(dtype, seed=rows)
+    x = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(rows + 1)).to(dtype)
+    sub = low if standin else None
+    got = triton_skippable_ffn(x, ffn, decisions, sub).float()
+    ref = reference_skippable_ffn(x.float(), FFNWeights(*(w.float() for w in ffn)), decisions,
+                                  LowRankWeights(*(w.float() for w in low)) if standin else None)
+    scale = ref.norm().item() or 1.0  # all-skip with zeros: an absolute error
+    return (got - ref).norm().item() / scale
+
+
+def untouched_after(decisions: torch.Tensor, buffer: str, standin: bool) -> bool:
+    """Whether the launches left an internal buffer (poisoned with NaN) unwritten: ``h_ptr`` is the FFN's
+    intermediate, ``t_ptr`` the stand-in's bottleneck."""
+    ffn, low = weights(torch.float32, seed=7)
+    x = torch.randn(decisions.numel(), HIDDEN)
+    planned, out = launches(x, ffn, decisions, low if standin else None)
+    poisoned = planned[0].args[buffer].fill_(float("nan"))
+    for launch in planned:
+        launch.kernel[launch.grid](**launch.args, **launch.options)
+    expected = reference_skippable_ffn(x, ffn, decisions, low if standin else None)
+    return bool(poisoned.isnan().all()) and torch.allclose(out, expected, atol=1e-6)
+
+
+def mixed(rows: int) -> torch.Tensor:
+    return torch.arange(rows) % 3 == 1
+
+
+def cases() -> dict[str, float | bool]:
+    ones, zeros = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    return {
+        "skip_all_zero": relative_error(ones, 4, standin=False),
+        "skip_all_standin": relative_error(ones, 4, standin=True),
+        "compute_all_zero": relative_error(zeros, 4, standin=False),
+        "compute_all_standin": relative_error(zeros, 4, standin=True),
+        "mixed_zero": relative_error(mixed(5), 5, standin=False),
+        "mixed_standin": relative_error(mixed(5), 5, standin=True),
+        "one_row_computes": relative_error(torch.zeros(1, dtype=torch.bool), 1, standin=True),
+        "layer_flag_skips_every_row": relative_error(torch.tensor(True), 3, standin=True),
+        "integer_decisions": relative_error(torch.tensor([0, 1, 1, 0], dtype=torch.int64), 4, standin=True),
+        "two_row_blocks_mixed": relative_error(mixed(70), 70, standin=True),
+        "fp16_mixed_standin": relative_error(mixed(6), 6, standin=True, dtype=torch.float16),
+        "all_skip_leaves_ffn_intermediate_unwritten": untouched_after(ones, "h_ptr", standin=True),
+        "no_skip_leaves_standin_bottleneck_unwritten": untouched_after(zeros, "t_ptr", standin=True),
+    }
+
+
+if __name__ == "__main__":
+    json.dump(cases(), sys.stdout)
