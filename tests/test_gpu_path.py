@@ -1,0 +1,265 @@
+"""The GPU decode path, checked on the CPU: the Triton kernels (interpreted, and compiled ahead for Hopper), the
+decode engine's CPU fallback against the PyTorch eager runtime, the benchmark's smoke mode, and the CUDA check."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from skiptool.adapters import adapter_for
+from skiptool.errors import ConfigError, MissingDependencyError, SkipToolError
+from skiptool.gpu import DecodeEngine, build_random_llama, require_cuda
+from skiptool.gpu.kernels import (FFNWeights, LowRankWeights, gathered_skippable_ffn, kernel_backend,
+                                  reference_skippable_ffn, skippable_ffn)
+from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask
+from skiptool.runtime import apply_skip
+from skiptool.standins import LowRankStandIn
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS, SKIPPABLE = 6, [1, 2, 3, 4]
+PROMPT, STEPS = 8, 8
+# About the median saturation of each layer of the tiny model below: roughly half the tokens skip.
+COSINE_THRESHOLDS = [0.9935, 0.9931, 0.9956, 0.9975, 0.9981, 0.9984]
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    """This checkout first on the path, whatever is installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) Triton kernels, interpreted on the CPU, against the reference
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, float | bool]:
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.6.0)")
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_kernel_cases.py")], capture_output=True,
+                         text=True, env=_subprocess_env(TRITON_INTERPRET="1"), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("case", ["skip_all_zero", "skip_all_standin", "compute_all_zero", "compute_all_standin",
+                                  "mixed_zero", "mixed_standin", "one_row_computes", "layer_flag_skips_every_row",
+                                  "integer_decisions", "two_row_blocks_mixed"])
+def test_triton_kernels_match_the_reference_in_fp32(interpreted, case):
+    assert interpreted[case] < 1e-5
+
+
+def test_triton_kernels_match_the_reference_in_fp16(interpreted):
+    assert interpreted["fp16_mixed_standin"] < 2e-3
+
+
+def test_triton_ffn_kernel_returns_at_once_when_every_row_skips(interpreted):
+    assert interpreted["all_skip_leaves_ffn_intermediate_unwritten"] is True
+
+
+def test_triton_standin_bottleneck_is_computed_only_when_a_row_skips(interpreted):
+    assert interpreted["no_skip_leaves_standin_bottleneck_unwritten"] is True
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_triton_kernels_compile_for_hopper_in_bf16(rows):
+    """The interpreter cannot run bf16 dots; compiling for sm_90 checks the bf16 kernels Triton will build there:
+    accepted, within a Hopper block's shared memory, and streaming weights with 16-byte async copies."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.6.0)")
+    from skiptool.gpu.triton_ffn import compile_ahead, launches
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    hidden, intermediate = 576, 1536  # the demo shape
+    ffn = FFNWeights(meta(intermediate, hidden), meta(intermediate, hidden), meta(hidden, intermediate))
+    standin = LowRankWeights(meta(16, hidden), meta(hidden, 16), meta(hidden))
+    planned, _ = launches(meta(rows, hidden), ffn, torch.empty(rows, dtype=torch.bool, device="meta"), standin)
+    for kernel in compile_ahead(planned, arch=90):
+        assert kernel.metadata.shared <= 227 * 1024
+        assert "cp.async.cg.shared.global" in kernel.asm["ptx"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference kernels (the CPU fallback)
+# ------------------------------------------------------------------------------------------------
+def test_cpu_runs_the_reference_kernels():
+    assert kernel_backend("cpu") == "torch"
+
+
+def test_gathered_ffn_equals_the_branch_free_reference():
+    g = torch.Generator().manual_seed(0)
+    ffn = FFNWeights(*(torch.randn(s, generator=g) for s in [(24, 16), (24, 16), (16, 24)]))
+    standin = LowRankWeights(*(torch.randn(s, generator=g) for s in [(4, 16), (16, 4), (16,)]))
+    x = torch.randn(2, 3, 16, generator=g)
+    skip = torch.tensor([[True, False, True], [False, False, True]])
+    expected = reference_skippable_ffn(x, ffn, skip, standin)
+    assert torch.allclose(gathered_skippable_ffn(x, ffn, skip, standin), expected, atol=1e-5)
+    assert torch.allclose(skippable_ffn(x, ffn, skip, standin), expected)
+    standin_of_first_row = standin.up @ (standin.down @ x[0, 0]) + standin.bias
+    assert torch.allclose(expected[0, 0], standin_of_first_row, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) The engine's CPU fallback against the PyTorch eager runtime
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return build_random_llama("tiny", seed=0)
+
+
+def _random_routers(hidden: int) -> Routers:
+    routers = Routers(hidden, SKIPPABLE)
+    g = torch.Generator().manual_seed(3)
+    for linear in routers.linears.values():
+        linear.weight.data = torch.randn(linear.weight.shape, generator=g)
+    return routers
+
+
+def _random_standins(hidden: int) -> dict[int, torch.nn.Module]:
+    g = torch.Generator().manual_seed(4)
+    standins = {i: LowRankStandIn(hidden, 4) for i in SKIPPABLE}
+    for standin in standins.values():
+        for p in standin.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    return standins
+
+
+POLICIES = {
+    "static": lambda hidden: StaticMask(LAYERS, SKIPPABLE, 3, skip_layers=[2, 4]),
+    "cosine": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
+    "router": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
+    "cosine+override": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
+    "cosine+standin": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
+    "router+standin": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
+}
+OVERRIDES = {"cosine+override": [0, 1, -1, 0, 1, 0]}
+
+
+def _token_ids(batch: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, PROMPT + STEPS), generator=torch.Generator().manual_seed(batch))
+
+
+def _engine_run(model, policy, ids, mode, substitutes=None, override=None):
+    """Logits and ``[layers, batch, seq]`` decisions of the prefill and of each teacher-forced decode step."""
+    engine = DecodeEngine(model, adapter_for(model), policy, batch_size=ids.shape[0], max_len=PROMPT + STEPS,
+                          mode=mode, substitutes=substitutes, override=override)
+    passes = [(engine.prefill(ids[:, :PROMPT]).clone(), engine.last_decisions.clone())]
+    for t in range(PROMPT, PROMPT + STEPS):
+        logits = engine.step(ids[:, t]).clone()
+        passes.append((logits[:, None], engine.last_decisions.clone()))
+    return passes, engine.skip_summary()["skip_ratio"]
+
+
+def _runtime_run(model, policy, ids, substitutes=None, override=None):
+    """The same passes through the eager runtime and a normal Hugging Face forward with a DynamicCache."""
+    runtime = apply_skip(model, adapter_for(model), policy, substitutes)
+    runtime.set_override(override)
+    cache = DynamicCache(config=model.config)
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    passes = []
+    try:
+        with torch.no_grad(), runtime.recording() as decisions:
+            for start, end in [(0, PROMPT)] + [(t, t + 1) for t in range(PROMPT, PROMPT + STEPS)]:
+                positions = torch.arange(start, end).expand(ids.shape[0], -1)
+                logits = model(input_ids=ids[:, start:end], position_ids=positions, use_cache=True,
+                               **{cache_keyword: cache}).logits
+                passes.append((logits, torch.stack([decisions[i] for i in range(LAYERS)])))
+    finally:
+        runtime.remove()
+    return passes, runtime.stats.skip_ratio
+
+
+@pytest.mark.parametrize("mode", ["device", "host"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_engine_decides_and_decodes_like_the_eager_runtime(tiny, name, batch, mode):
+    hidden = tiny.config.hidden_size
+    policy = POLICIES[name](hidden)
+    substitutes = _random_standins(hidden) if name.endswith("standin") else None
+    ids = _token_ids(batch, tiny.config.vocab_size)
+    engine, engine_ratio = _engine_run(tiny, policy, ids, mode, substitutes, OVERRIDES.get(name))
+    runtime, runtime_ratio = _runtime_run(tiny, policy, ids, substitutes, OVERRIDES.get(name))
+    all_decisions = torch.cat([d.flatten() for _, d in runtime])
+    assert all_decisions.any() and not all_decisions.all()  # a test of real skipping, not of one branch
+    for (engine_logits, engine_decisions), (runtime_logits, runtime_decisions) in zip(engine, runtime, strict=True):
+        assert torch.equal(engine_decisions, runtime_decisions)
+        torch.testing.assert_close(engine_logits, runtime_logits, atol=2e-5, rtol=1e-4)
+    assert engine_ratio == pytest.approx(runtime_ratio)
+
+
+def test_dense_engine_decodes_like_the_unwrapped_model(tiny):
+    policy = NeverSkip(LAYERS, SKIPPABLE, 0)
+    ids = _token_ids(2, tiny.config.vocab_size)
+    engine, ratio = _engine_run(tiny, policy, ids, "dense")
+    runtime, _ = _runtime_run(tiny, policy, ids)
+    for (engine_logits, _), (runtime_logits, _) in zip(engine, runtime, strict=True):
+        torch.testing.assert_close(engine_logits, runtime_logits, atol=2e-5, rtol=1e-4)
+    assert ratio == 0.0
+
+
+class _FirstRowSkipsLayer3(SkipPolicy):
+    """Test double: at layer 3, the first row of the batch skips, the others compute."""
+
+    def rule(self, s, state):
+        skip = torch.zeros(s.x.shape[:2], dtype=torch.bool)
+        skip[0] = s.layer == 3
+        return skip
+
+
+def test_engine_counts_avoided_ffn_calls_apart_from_skipped_tokens(tiny):
+    """Batch 2: layer 2 forced to skip (both rows), layer 3 skipping one row: 3 of 12 (layer, token) pairs
+    skipped, but only 1 of 6 FFN calls avoided (a call is avoided only when every row skips)."""
+    engine = DecodeEngine(tiny, adapter_for(tiny), _FirstRowSkipsLayer3(LAYERS, SKIPPABLE, 0), batch_size=2,
+                          max_len=16, override=[0, 0, 1, 0, 0, 0])
+    engine.prefill(_token_ids(2, tiny.config.vocab_size)[:, :4])
+    engine.reset_counters()
+    engine.step()
+    summary = engine.skip_summary()
+    assert summary["skip_ratio"] == pytest.approx(3 / 12) and summary["call_skip_ratio"] == pytest.approx(1 / 6)
+    assert summary["forwards"] == 1 and summary["tokens"] == 2
+
+
+def test_engine_refuses_a_model_wrapped_by_the_runtime(tiny):
+    runtime = apply_skip(tiny, adapter_for(tiny), NeverSkip(LAYERS, SKIPPABLE, 0))
+    try:
+        with pytest.raises(ConfigError, match="remove"):
+            DecodeEngine(tiny, adapter_for(tiny), NeverSkip(LAYERS, SKIPPABLE, 0), batch_size=1, max_len=16)
+    finally:
+        runtime.remove()
+
+
+def test_engine_stays_eager_on_a_cpu(tiny):
+    engine = DecodeEngine(tiny, adapter_for(tiny), NeverSkip(LAYERS, SKIPPABLE, 0), batch_size=1, max_len=16)
+    engine.prefill(torch.zeros(1, 4, dtype=torch.int64))
+    assert engine.capture() is False and engine.graphed is None
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) The benchmark's smoke mode; (d) asking for CUDA without one
+# ------------------------------------------------------------------------------------------------
+def test_gpu_bench_smoke_runs_every_variant_and_writes_json(tmp_path):
+    out = tmp_path / "gpu_bench.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {r["batch"] for r in rows} == {1, 2} and not [r for r in rows if r["error"] or r["skipped"]]
+    assert all(r["tokens_per_s"] > 0 and r["p50_step_ms"] > 0 for r in rows)
+    forced = next(r for r in rows if r["name"] == "device forced 25%" and r["batch"] == 2)
+    assert forced["call_skip_ratio"] == pytest.approx(2 / 6) and forced["ideal_speedup"] > 1
+    assert forced["speedup_vs_dense"] > 0 and report["meta"]["copy_bandwidth_gb_per_s"] > 0
+    assert "tok/s" in run.stdout
+
+
+def test_require_cuda_without_a_gpu_raises_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SkipToolError, match="needs an NVIDIA GPU") as raised:
+        require_cuda()
+    assert isinstance(raised.value, MissingDependencyError)
