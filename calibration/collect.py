@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..policies import LayerSignals, NeverSkip, saturation
+from ..policies import LayerSignals, NeverSkip, block_positions, is_warm, router_features, saturation
 from ..runtime import skipping
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -31,30 +31,31 @@ Progress = Callable[[int, int], Any]
 
 
 class StatsRecorder(NeverSkip):
-    """A dense policy that records, for every layer, the signals of tokens at positions >= `warmup`."""
+    """A dense policy that records, for every layer, the signals of tokens past a warm-up of `warmup` positions."""
 
     def __init__(self, num_layers: int, warmup: int, max_probe_tokens: int = 4096) -> None:
         super().__init__(num_layers, list(range(num_layers)), warmup=0)
-        self.skip_from = int(warmup)
+        self.record_from = int(warmup)
         self.max_probe_tokens = max_probe_tokens
         self.rows: dict[str, list[list[Tensor]]] = {k: [[] for _ in range(num_layers)]
                                                      for k in ("saturation", "ffn_ratio", "attn_ffn_cos", "features")}
-        self._attn: dict[int, Tensor] = {}
+        self._seen: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (warm token mask, their attention deltas)
 
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        a = s.attn_delta[:, self.skip_from:].float()
-        self._attn[s.layer] = a
+        assert s.positions is not None  # the runtime always passes them
+        warm = is_warm(s.positions, self.record_from).expand(s.x.shape[:2])
+        a = s.attn_delta[warm].float()
+        self._seen[s.layer] = (warm, a)
         if sum(t.shape[0] for t in self.rows["features"][s.layer]) < self.max_probe_tokens:
-            self.rows["features"][s.layer].append(router_features(a).reshape(-1, a.shape[-1]).half().cpu())
+            self.rows["features"][s.layer].append(router_features(a).half().cpu())
         return super().rule(s, state)
 
     def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> Tensor | None:
-        h, d = h_mid[:, self.skip_from:].float(), delta[:, self.skip_from:].float()
-        a = self._attn.pop(layer)
-        self.rows["saturation"][layer].append(saturation(h, d).reshape(-1).cpu())
-        self.rows["ffn_ratio"][layer].append((d.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-6)).reshape(-1).cpu())
-        cos = torch.nn.functional.cosine_similarity(a, d, dim=-1, eps=1e-6)
-        self.rows["attn_ffn_cos"][layer].append(cos.reshape(-1).cpu())
+        warm, a = self._seen.pop(layer)
+        h, d = h_mid[warm].float(), delta[warm].float()
+        self.rows["saturation"][layer].append(saturation(h, d).cpu())
+        self.rows["ffn_ratio"][layer].append((d.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-6)).cpu())
+        self.rows["attn_ffn_cos"][layer].append(torch.nn.functional.cosine_similarity(a, d, dim=-1, eps=1e-6).cpu())
         return state
 
     def matrix(self, key: str) -> Tensor:
@@ -117,19 +118,14 @@ def collect_layer_stats(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, 
                       warmup=warmup, seq_len=int(blocks.shape[1]), num_blocks=int(blocks.shape[0]))
 
 
-def router_features(attn_delta: Tensor) -> Tensor:
-    """A DiffSkip router's input: the attention delta RMS-normalised per token (as ``Routers.logit`` reads it)."""
-    a = attn_delta.float()
-    return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
 def run_blocks(model: nn.Module, blocks: Tensor, batch_size: int = 4, progress: Progress | None = None) -> None:
     """Forward `blocks` through the decoder stack only (no LM head: statistics and skip counts need none)."""
     body = getattr(model, "model", model)
     device = next(model.parameters()).device
     n = blocks.shape[0]
     for start in range(0, n, batch_size):
-        body(input_ids=blocks[start:start + batch_size].to(device))
+        ids = blocks[start:start + batch_size].to(device)
+        body(input_ids=ids, position_ids=block_positions(ids))
         if progress is not None:
             progress(min(start + batch_size, n), n)
 

@@ -23,7 +23,6 @@ smallest value that can reach it (recorded in the config).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +33,8 @@ from torch import Tensor, nn
 from ..adapters import ArchAdapter
 from ..config import CONFIG_FILENAME, ArtifactRef, SkipConfig, dense_config
 from ..data import DataSpec, token_blocks
-from ..errors import SkipToolError
-from ..fileio import atomic_directory, write_json_atomic
+from ..errors import ConfigError, SkipToolError
+from ..fileio import atomic_directory, check_output_dir, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals
 from ..runtime import SkipStats, skipping
 from ..standins import DEFAULT_RANK, StandIns
@@ -111,7 +110,7 @@ def replay_decisions(policy: CosineGreedy, saturation: Tensor, positions: Tensor
         delta = torch.stack([c[layer] - 1.0, (1.0 - c[layer] ** 2).sqrt()], dim=-1).unsqueeze(0)
         skip = torch.zeros(1, tokens, dtype=torch.bool)
         if policy.is_skippable(layer):
-            skip = policy.decide(LayerSignals(layer, h, torch.zeros_like(h), h, h), pos, state, None)
+            skip = policy.decide(LayerSignals(layer, h, torch.zeros_like(h), h, h, pos), pos, state, None)
         out[layer] = skip[0]
         state = policy.update(layer, h, delta, skip, state)
     return out
@@ -282,6 +281,20 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     return result
 
 
+def run_calibrate(source: str, data: DataSpec, settings: CalibrationSettings, out_dir: str | Path,
+                  device: str = "cpu", plot: Callable[[dict[str, Any], Path], Any] | None = None,
+                  progress: PhaseProgress | None = None) -> CalibrationResult:
+    """``skiptool calibrate``: load `source` and :func:`calibrate` it on `data` into `out_dir`."""
+    from ..accelerators import check_device
+    from ..models import load_model
+
+    check_device(device)
+    _check_settings(settings)
+    check_output_dir(out_dir)
+    lm = load_model(source, device=device)
+    return calibrate(lm.model, lm.adapter, lm.tokenizer, data, settings, out_dir, source, plot, progress)
+
+
 def write_calibration(result: CalibrationResult, out_dir: str | Path,
                       plot: Callable[[dict[str, Any], Path], Any] | None = None) -> list[Path]:
     """Write the config, the statistics JSON and (optionally) the plot, all or nothing."""
@@ -297,18 +310,6 @@ def write_calibration(result: CalibrationResult, out_dir: str | Path,
     names = [CONFIG_FILENAME, STATS_FILENAME] + ([PLOT_FILENAME] if plot is not None else [])
     names += [STANDIN_FILENAME] if result.standins is not None else []
     return [out / n for n in names]
-
-
-def check_output_dir(path: str | Path) -> None:
-    """Fail early (creating nothing) if `path` is a file or could not be created or written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SkipToolError(f"output path {str(path)!r} exists and is not a directory")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SkipToolError(f"output directory {str(path)!r} is not writable")
 
 
 def _check_settings(s: CalibrationSettings) -> None:
@@ -347,13 +348,25 @@ def _absolute_if_file(source: str) -> str:
 
 
 def data_spec_from_config(config: SkipConfig) -> tuple[DataSpec, int, int]:
-    """The calibration data a config was fitted on: (spec, samples, seq_len), from its metadata."""
+    """The calibration data a config was fitted on: (spec, samples, seq_len), from its metadata (one clear
+    error line when the record is missing or malformed)."""
     rec = config.metadata.get("calibration_data")
-    if not isinstance(rec, dict) or "source" not in rec:
-        raise SkipToolError("the skip config does not record its calibration data (re-run `skiptool calibrate`)")
-    part = tuple(float(x) for x in rec.get("part", (0.0, 1.0)))
-    spec = DataSpec(rec["source"], rec.get("field", "text"), rec.get("split", "test"), (part[0], part[1]))
-    return spec, int(rec.get("samples", 16)), int(rec.get("seq_len", 256))
+    if rec is None:
+        raise ConfigError("the skip config does not record its calibration data (re-run `skiptool calibrate`)")
+    if not isinstance(rec, dict) or not isinstance(rec.get("source"), str):
+        raise ConfigError("metadata.calibration_data must be an object with a 'source' string")
+    part, samples, seq_len = rec.get("part", [0.0, 1.0]), rec.get("samples", 16), rec.get("seq_len", 256)
+    ok_part = isinstance(part, list) and len(part) == 2 and all(isinstance(x, (int, float)) and not
+                                                                 isinstance(x, bool) for x in part)
+    if not ok_part or not 0 <= part[0] < part[1] <= 1:
+        raise ConfigError(f"metadata.calibration_data.part must be [start, end] with 0 <= start < end <= 1 "
+                          f"(got {part!r})")
+    for name, value in (("samples", samples), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"metadata.calibration_data.{name} must be a positive integer (got {value!r})")
+    spec = DataSpec(rec["source"], str(rec.get("field", "text")), str(rec.get("split", "test")),
+                    (float(part[0]), float(part[1])))
+    return spec, samples, seq_len
 
 
 def eligible_fraction(num_layers: int, skippable: int, seq_len: int, warmup: int) -> float:

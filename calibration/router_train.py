@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..config import ArtifactRef, PolicySpec, SkipConfig
+from ..config import CONFIG_FILENAME, ArtifactRef, PolicySpec, SkipConfig
 from ..data import DataSpec
 from ..errors import ConfigError
-from ..fileio import ensure_writable_dir
+from ..fileio import atomic_directory, check_output_dir
 from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
-                        build_policy)
+                        block_positions, build_policy, router_features)
 from ..runtime import SkipRuntime, load_standins, skipping
 from ..standins import DEFAULT_RANK, StandIns
 from .fit import eligible_fraction
@@ -71,6 +71,23 @@ class RouterTrainSettings:
     standin_rank: int = DEFAULT_RANK  # 0: no trained stand-ins (a base config's own stand-ins are used as they are)
     standin_init: str = "closed-form"  # or "zero"
     standin_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        problems = [
+            (not 0 < self.target_skip < 1, f"--target-skip must be in (0, 1) (got {self.target_skip})"),
+            (self.estimator not in ESTIMATORS, f"--estimator must be one of {', '.join(ESTIMATORS)} "
+                                               f"(got {self.estimator!r})"),
+            (self.threshold is not None and not 0 < self.threshold < 1,
+             f"--threshold must be a probability strictly between 0 and 1 (got {self.threshold})"),
+            (self.standin_init not in STANDIN_INITS, f"--stand-in-init must be one of {', '.join(STANDIN_INITS)} "
+                                                     f"(got {self.standin_init!r})"),
+            (self.steps < 0 or self.batch_size < 1 or self.seq_len < 2 or self.standin_rank < 0,
+             "--steps and --stand-in must be >= 0, --batch-size >= 1 and --seq-len >= 2"),
+            (self.lr < 0 or self.standin_lr < 0 or self.penalty < 0, "--lr, --stand-in-lr and --penalty must be >= 0"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
 
 
 @dataclass
@@ -154,14 +171,15 @@ class _ContributionProbe(SkipPolicy):
         self.targets: dict[int, list[Tensor]] = {i: [] for i in self.skippable_layers}
 
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        a = Routers.features(s.attn_delta)[:, self.warmup:]
-        self.features[s.layer].append(a.reshape(-1, a.shape[-1]).cpu())
+        assert s.positions is not None  # the runtime always passes them
+        self._warm = self.is_warm(s.positions).expand(s.x.shape[:2])
+        self.features[s.layer].append(router_features(s.attn_delta[self._warm]).cpu())
         return super().rule(s, state)
 
     def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> None:
         if layer in self.features:
-            rel = delta.float().norm(dim=-1) / h_mid.float().norm(dim=-1).clamp_min(1e-6)
-            self.targets[layer].append(rel[:, self.warmup:].clamp_min(1e-8).log().reshape(-1).cpu())
+            rel = delta[self._warm].float().norm(dim=-1) / h_mid[self._warm].float().norm(dim=-1).clamp_min(1e-6)
+            self.targets[layer].append(rel.clamp_min(1e-8).log().cpu())
         return None
 
 
@@ -226,7 +244,7 @@ def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, ro
             for step in range(settings.steps):
                 rows = torch.randint(0, blocks.shape[0], (settings.batch_size,), generator=generator)
                 ids = blocks[rows].to(_device(model))
-                kl, rate = _distillation_step(rt, policy, ids, warmup)
+                kl, rate = _distillation_step(rt, policy, ids)
                 loss = kl + settings.penalty * (rate - target) ** 2
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -244,14 +262,15 @@ def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, ro
     return history
 
 
-def _distillation_step(rt: SkipRuntime, policy: RouterPolicy, ids: Tensor, warmup: int) -> tuple[Tensor, Tensor]:
-    """KL(dense || skipping) over post-warm-up positions, and the straight-through skip rate."""
-    keep = ids.shape[1] - warmup  # warm-up positions never skip, so their distributions are the dense ones
+def _distillation_step(rt: SkipRuntime, policy: RouterPolicy, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(dense || skipping) over the positions past the warm-up, and their straight-through skip rate."""
+    positions = block_positions(ids)
+    warm = policy.is_warm(positions)  # warm-up positions never skip: their distributions are the dense ones
     with torch.no_grad(), _dense(rt):
-        teacher = F.log_softmax(rt.model(ids, logits_to_keep=keep).logits.float(), dim=-1)
-    student = F.log_softmax(rt.model(ids, logits_to_keep=keep).logits.float(), dim=-1)
+        teacher = F.log_softmax(rt.model(ids, position_ids=positions).logits[warm].float(), dim=-1)
+    student = F.log_softmax(rt.model(ids, position_ids=positions).logits[warm].float(), dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    rate = torch.stack([d[:, warmup:].mean() for d in policy.soft_decisions.values()]).mean()
+    rate = torch.stack([d[warm].mean() for d in policy.soft_decisions.values()]).mean()
     return kl, rate
 
 
@@ -270,17 +289,20 @@ def _dense(rt: SkipRuntime) -> Iterator[None]:
 def measure(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy, blocks: Tensor, batch_size: int = 2,
             routers: Routers | None = None, substitutes: Substitutes = None) -> tuple[float, float, list[Tensor]]:
     """Realised skip ratio, mean next-token NLL and (if `routers`) the post-warm-up router logits."""
-    nll_sum, count = 0.0, 0
+    nll_sum, count, warm_logits = 0.0, 0, []
     with _logit_capture(routers) as logits, skipping(model, adapter, policy, substitutes) as rt, torch.no_grad():
         for batch in blocks.split(batch_size):
             batch = batch.to(_device(model))
-            out = model(batch).logits[:, :-1].float()
+            positions = block_positions(batch)
+            out = model(batch, position_ids=positions).logits[:, :-1].float()
             nll_sum += F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1),
                                        reduction="sum").item()
             count += batch[:, 1:].numel()
+            warm = policy.is_warm(positions).cpu()
+            warm_logits += [x[warm] for x in logits]
+            logits.clear()
         ratio = rt.stats.skip_ratio
-    warm = policy.warmup
-    return ratio, nll_sum / count, [x[:, warm:].reshape(-1) for x in logits]
+    return ratio, nll_sum / count, warm_logits
 
 
 def refit_threshold(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
@@ -359,7 +381,7 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     """
     start = time.perf_counter()
     config.check_matches(model)
-    out_dir = ensure_writable_dir(out_dir)
+    check_output_dir(out_dir)
     torch.manual_seed(settings.seed)
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
     rate = inner_rate(config, settings.target_skip, blocks.shape[1])  # an unreachable target fails first
@@ -384,12 +406,19 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     cost = router_cost(routers, model, adapter)
     if standins is not None:
         cost["standin"] = standins.cost(int(model.config.intermediate_size))
-    router_path = routers.cpu().save(out_dir / ROUTER_FILENAME)
-    standin_path = standins.cpu().save(out_dir / TRAINED_STANDIN_FILENAME) if standins is not None else None
     standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_) if standins is not None
                    else _absolute(config, config.standin))
-    new_config = _router_config(config, settings, heldout, history, out_dir, data, blocks.shape[0], standin_ref)
-    config_path = new_config.save_with_artifacts(out_dir)  # a base config's fixed stand-ins are copied beside it
+    with atomic_directory(out_dir) as tmp:  # routers, stand-ins and config appear together or not at all
+        routers.cpu().save(tmp / ROUTER_FILENAME)
+        if standins is not None:
+            standins.cpu().save(tmp / TRAINED_STANDIN_FILENAME)
+        new_config = _router_config(config, settings, heldout, history, tmp, data, blocks.shape[0], standin_ref)
+        new_config.save_with_artifacts(tmp)  # a base config's fixed stand-ins are copied beside it
+    out = Path(out_dir).resolve()
+    new_config = new_config.evolve(base_dir=out, standin=None if new_config.standin is None else
+                                   ArtifactRef(Path(new_config.standin.path).name, new_config.standin.rank))
+    config_path, router_path = out / CONFIG_FILENAME, out / ROUTER_FILENAME
+    standin_path = out / TRAINED_STANDIN_FILENAME if standins is not None else None
     return RouterTrainResult(new_config, config_path, router_path, standin_path, heldout, dense_nll, cost, history,
                              time.perf_counter() - start)
 
@@ -453,8 +482,14 @@ def run_train_router(model_source: str, config_path: str | Path | None, data: Da
     from ..data import token_blocks
     from ..models import load_model
 
-    ensure_writable_dir(out_dir)
+    from ..accelerators import check_device
+    from ..policies import check_policy
+
+    check_device(settings.device)
+    check_output_dir(out_dir)
     base = load_config(config_path) if config_path is not None else None
+    if base is not None:
+        check_policy(base)
     lm = load_model(model_source, device=settings.device)
     config = base if base is not None else dense_config(lm.model, source=model_source)
     config.check_matches(lm.model)

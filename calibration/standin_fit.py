@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
 from ..errors import ConfigError
+from ..policies import block_positions, is_warm
 from ..standins import StandIns, check_rank, reduced_rank_fit
 
 
@@ -44,13 +45,14 @@ class MomentAccumulator:
 
 
 @contextmanager
-def _mlp_moments(model: nn.Module, adapter: ArchAdapter, layers: list[int], warmup: int,
+def _mlp_moments(model: nn.Module, adapter: ArchAdapter, layers: list[int], warm: list[Tensor],
                  acc: dict[int, MomentAccumulator]) -> Iterator[None]:
+    """Accumulate each MLP's input/output moments over the tokens `warm[0]` marks (set before each forward)."""
     handles = []
 
     def hook_for(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            acc[index].add(inputs[0][:, warmup:], output[:, warmup:])
+            acc[index].add(inputs[0][warm[0]], output[warm[0]])
         return hook
 
     decoder = adapter.decoder_layers(model)
@@ -74,9 +76,13 @@ def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers:
     check_rank(rank, hidden)
     acc = {i: MomentAccumulator(hidden) for i in layers}
     device = next(model.parameters()).device
-    with _mlp_moments(model, adapter, layers, warmup, acc):
+    warm: list[Tensor] = [torch.zeros(0, dtype=torch.bool)]
+    with _mlp_moments(model, adapter, layers, warm, acc):
         for b in range(blocks.shape[0]):
-            model(blocks[b:b + 1].to(device))
+            ids = blocks[b:b + 1].to(device)
+            positions = block_positions(ids)
+            warm[0] = is_warm(positions, warmup)
+            model(ids, position_ids=positions)
             if progress is not None:
                 progress(b + 1)
     standins = StandIns(hidden, rank, layers)

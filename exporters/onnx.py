@@ -1,44 +1,44 @@
-"""Export a model with its skip policy to one ONNX graph: a KV-cache decoder with an ``If`` per skippable FFN.
+"""``export --format onnx``: one KV-cache ONNX graph in standard ops with an ``If`` per skippable FFN.
 
-Nothing here re-implements a skip rule. The model is wrapped by :func:`skiptool.runtime.apply_skip`
-(the single copy of the skip logic) in *export mode*, where each skippable layer's FFN block runs under
+Nothing here re-implements a skip rule. The model is wrapped by :func:`skiptool.runtime.apply_skip` (the
+single copy of the skip logic) in *export mode*, where each skippable layer's FFN block runs under
 ``torch.cond``; ``torch.onnx.export(dynamo=True)`` turns that into one ``If`` per skippable layer whose
-condition is the policy's decision computed in the graph (static mask, cosine greedy-k state, router
-logit). Cold layers get no ``If``. The ``skip_mask`` override flows in as a tensor (the policy's override)
-and the per-token decisions flow out as ``skip_decisions``.
+condition is the policy's decision computed in the graph (static mask, cosine greedy-k state, router logit).
+Cold layers get no ``If``. The ``skip_mask`` override flows in as a tensor (the policy's override) and the
+per-token decisions flow out as ``skip_decisions``.
 
-:func:`export` is the whole command: load, trace, check (``If`` count, ``onnx.checker``), ORT parity against
-the PyTorch skip runtime, optional quantization / TensorRT engine, then config, tokenizer and
-``genai_config.json`` — written to a temporary directory and moved into place only when all of it worked.
+:func:`export_standard` is the whole target: load, trace, check (``If`` count, ``onnx.checker``), enforce
+parity with the PyTorch skip runtime (:mod:`.validate`), optional quantization, then config, tokenizer,
+``genai_config.json`` and the manifest — written to a temporary directory and moved into place only when all
+of it worked. The ``tensorrt`` target reuses it and adds an engine.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 
+from skiptool.adapters import cache_kwargs, kv_shape
 from skiptool.config import PolicySpec, SkipConfig, dense_config, load_config
+from skiptool.contract import (GENAI_CONFIG_FILE, MODEL_FILE, SKIP_MASK, ExportManifest, GraphIO, genai_io,
+                               write_manifest)
 from skiptool.errors import ConfigError, SkipToolError
 from skiptool.fileio import atomic_directory, write_json_atomic
-from skiptool.policies import NeverSkip, RandomSkip
-from skiptool.runtime import SkipRuntime, apply_skip, runtime_from_config
+from skiptool.models import LoadedModel, eos_token_ids, load_model
+from skiptool.onnx_graph import EXTERNAL_DATA_OVER, count_ops, iter_nodes, quiet_exporter
+from skiptool.policies import NeverSkip, check_policy
+from skiptool.runtime import SkipRuntime, apply_skip, open_runtime
 
-from .io_names import SKIP_MASK, GraphIO, genai_io
+from .target import EXPORT_TARGETS, ExportReport, ExportRequest, ExportTarget, Progress
+from .validate import check_parity, enforce_parity, parity_prompt
 
-FORMATS = ("onnx", "tensorrt")
-QUANTIZE = ("none", "int8", "int4")
-DTYPES = ("fp32", "fp16")
-MODEL_FILE = "model.onnx"
-EXPORT_INFO = "skiptool_export.json"
-EXTERNAL_DATA_OVER = 1 << 30  # bytes of weights above which they go to model.onnx.data (protobuf caps at 2 GiB)
 OPSET = 20
 
 
@@ -65,7 +65,7 @@ class KVCacheDecoder(nn.Module):
         ctrl.override, ctrl.record_decisions = skip_mask, True
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(self.model, cache))
             decisions = torch.stack([ctrl.decisions[i] for i in range(self.num_layers)])
         finally:
             ctrl.override, ctrl.record_decisions = None, False
@@ -73,17 +73,10 @@ class KVCacheDecoder(nn.Module):
         return (out.logits, *presents, decisions)
 
 
-def kv_shape(model: nn.Module) -> tuple[int, int]:
-    """(kv heads, head dim) of a Hugging Face decoder."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return int(c.num_key_value_heads), int(head_dim)
-
-
 def _sample_inputs(model: nn.Module, num_layers: int) -> tuple[Any, ...]:
     """Batch 2, sequence 3, past 4: no axis of size 0 or 1, so none is specialised by the tracer."""
     batch, seq, past = 2, 3, 4
-    kv_heads, head_dim = kv_shape(model)
+    kv_heads, head_dim = kv_shape(model.config)
     dtype = next(model.parameters()).dtype
     ids = torch.randint(0, int(model.config.vocab_size), (batch, seq))
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
@@ -110,15 +103,12 @@ def _dynamic_shapes(io: GraphIO) -> dict[str, Any]:
 
 def trace_graph(model: nn.Module, runtime: SkipRuntime) -> onnx.ModelProto:
     """Trace the skip runtime (export mode, counting off) into an ONNX model with the I/O contract's names."""
-    import warnings
-
     io = GraphIO(runtime.controller.stats.num_layers)
     wrapper = KVCacheDecoder(model, runtime).eval()
     ctrl = runtime.controller
     ctrl.export_mode = True
     try:
-        with warnings.catch_warnings(), _quiet_exporter():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             program = torch.onnx.export(wrapper, _sample_inputs(model, io.num_layers), dynamo=True,
                                         input_names=io.input_names(), output_names=io.output_names(),
                                         dynamic_shapes=_dynamic_shapes(io), opset_version=OPSET, optimize=True,
@@ -131,46 +121,9 @@ def trace_graph(model: nn.Module, runtime: SkipRuntime) -> onnx.ModelProto:
     return program.model_proto
 
 
-class _quiet_exporter:
-    """Silence torch.onnx's progress prints and logger chatter during one export."""
-
-    def __enter__(self) -> None:
-        import contextlib
-        import io as _io
-        import logging
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(_io.StringIO()))
-        self._levels = {name: logging.getLogger(name).level for name in ("torch.onnx", "torch.export", "torch._dynamo")}
-        for name in self._levels:
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        import logging
-
-        self._stack.close()
-        for name, level in self._levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
 # ------------------------------------------------------------------------------------------------
 # graph checks and post-processing
 # ------------------------------------------------------------------------------------------------
-def iter_nodes(graph: onnx.GraphProto, in_branches: bool = True) -> Iterator[tuple[onnx.NodeProto, bool]]:
-    """Every node of `graph` as (node, inside an ``If`` branch?), walking subgraphs."""
-    for node in graph.node:
-        yield node, False
-        if in_branches:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from ((n, True) for n, _ in iter_nodes(attr.g))
-
-
-def count_ops(model: onnx.ModelProto, op_type: str, in_branches_only: bool = False) -> int:
-    """How many `op_type` nodes the graph holds (optionally only those inside ``If`` branches)."""
-    return sum(1 for n, inside in iter_nodes(model.graph) if n.op_type == op_type and (inside or not in_branches_only))
-
-
 def add_optional_skip_mask(model: onnx.ModelProto, num_layers: int) -> None:
     """Back the ``skip_mask`` input by an all-zeros initializer so callers may omit it."""
     from onnx import numpy_helper
@@ -227,122 +180,95 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the export command
+# the export target
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class ExportReport:
-    """What an export wrote and checked."""
-
-    out_dir: str
-    format: str
-    dtype: str
-    quantize: str
-    policy: str
-    mode: str  # "skip" (an If per skippable layer) or "dense" (no If)
-    skippable_layers: list[int]
-    if_count: int
-    quantized_ops_in_branches: int | None
-    size_bytes: int
-    export_s: float
-    parity: dict[str, Any] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+Finish = Callable[[Path, ExportManifest, Progress], dict[str, Any]]
 
 
-def export(source: str, out_dir: str | Path, config_path: str | Path | None = None, fmt: str = "onnx",
-           quantize: str = "none", dtype: str = "fp32", dense: bool = False, parity_steps: int = 32,
-           progress: Any = None) -> ExportReport:
-    """Export `source` with the policy of `config_path` (or no ``If`` at all if `dense`) to `out_dir`."""
-    _check_choices(fmt, quantize, dtype)
-    if fmt == "tensorrt":
-        from .tensorrt import require_tensorrt
-
-        require_tensorrt()
-    if config_path is None and not dense:
-        raise ConfigError("export needs --config (a skip config) or --dense (a graph without any If)")
-    config = load_config(config_path) if config_path is not None else None
-    from skiptool.models import load_model
-
-    say = progress or (lambda message: None)
-    say("loading model")
-    lm = load_model(source, dtype=dtype)
-    if config is not None:
+def resolve_config(lm: LoadedModel, request: ExportRequest) -> SkipConfig:
+    """The config to export: the given one (checked against the model, its policy exportable), or a dense one
+    with the default cold layers; ``--dense`` keeps the cold layers and drops the policy."""
+    if request.config_path is not None:
+        config = load_config(request.config_path)
         config.check_matches(lm.model)
-    if config is None:
+        check_policy(config)
+    else:
         cold = min(2, (lm.model.config.num_hidden_layers - 1) // 2)
-        config = dense_config(lm.model, source, cold_start=cold, cold_end=cold)
-    if dense:  # the config written beside a dense graph says what it computes: no skipping
-        config = config.evolve(policy=PolicySpec("none"), router=None, standin=None)
-    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".skiptool-x-") as x:
-        return _export_into(lm, config, dense, fmt, quantize, dtype, parity_steps, tmp, Path(x), Path(out_dir), say)
+        config = dense_config(lm.model, request.source, cold_start=cold, cold_end=cold)
+    if request.dense:  # the config written beside a dense graph says what it computes: no skipping
+        return config.evolve(policy=PolicySpec("none"), router=None, standin=None)
+    return config
 
 
-def _check_choices(fmt: str, quantize: str, dtype: str) -> None:
-    for value, allowed, what in ((fmt, FORMATS, "format"), (quantize, QUANTIZE, "quantize"), (dtype, DTYPES, "dtype")):
-        if value not in allowed:
-            raise SkipToolError(f"unknown {what} {value!r} (expected one of {', '.join(allowed)})")
-    if quantize != "none" and dtype != "fp32":
-        raise SkipToolError("--quantize int8/int4 starts from the fp32 graph; use it with --dtype fp32")
+def export_standard(request: ExportRequest, progress: Progress, target: str = "onnx",
+                    runtimes: tuple[str, ...] = ("onnxruntime",), finish: Finish | None = None) -> ExportReport:
+    """Write `request.out_dir` (nothing half-written): graph, parity-checked, config, tokenizer, manifest.
 
-
-def _export_into(lm: Any, config: SkipConfig, dense: bool, fmt: str, quantize: str, dtype: str, parity_steps: int,
-                 tmp: Path, scratch: Path, out_dir: Path, say: Any) -> ExportReport:
+    `finish` adds the target's own files (e.g. a TensorRT engine) into the temporary folder and returns
+    details for the report.
+    """
     t0 = time.perf_counter()
-    runtime = _runtime_for(lm, config, dense)
+    progress("loading model")
+    lm = load_model(request.source, dtype=request.dtype)
+    config = resolve_config(lm, request)
+    runtime = _runtime_for(lm, config, request.dense)
     try:
-        say("tracing the skip runtime")
-        proto = trace_graph(lm.model, runtime)
-        expected = len(runtime.policy.skippable_layers)
-        if_count = check_graph(proto, expected)
-        add_optional_skip_mask(proto, runtime.controller.stats.num_layers)
-        fold_weight_transposes(proto)
-        _set_metadata(proto, config, dense)
-        say("saving and checking the graph")
-        graph = (scratch if quantize != "none" else tmp) / MODEL_FILE
-        save_graph(proto, graph)
-        del proto
-        info = _export_info(lm, config, dense, dtype, quantize, fmt, if_count)
-        write_json_atomic(graph.parent / EXPORT_INFO, info)
-        say("checking ONNX Runtime against PyTorch")
-        from .validate import check_parity
-
-        parity = {"graph": check_parity(graph.parent, lm.model, runtime, steps=parity_steps).to_dict()}
-        q_ops = None
-        if quantize != "none":
-            say(f"quantizing ({quantize})")
-            from .quantize import quantize_graph
-
-            q_ops = quantize_graph(graph, tmp / MODEL_FILE, quantize)
-            write_json_atomic(tmp / EXPORT_INFO, info)
-            parity["quantized"] = check_parity(tmp, lm.model, runtime, steps=parity_steps).to_dict()
+        with atomic_directory(request.out_dir) as tmp, \
+                tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".skiptool-x-") as scratch:
+            manifest, details = _export_into(lm, config, runtime, request, target, runtimes, tmp, Path(scratch),
+                                             progress)
+            if finish is not None:
+                details.update(finish(tmp, manifest, progress))
+            _write_side_files(lm, config, tmp)
+            files = tuple(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
+            manifest = manifest.replace(files=tuple(sorted({*files, "skiptool_export.json"})))
+            write_manifest(tmp, manifest)
+            details["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     finally:
         runtime.remove()
-    if fmt == "tensorrt":
-        say("building the TensorRT engine")
-        from .tensorrt import build_engine
-
-        build_engine(tmp / MODEL_FILE, tmp / "model.engine", fp16=dtype == "fp16")
-    _write_side_files(lm, config, tmp)
-    report = ExportReport(str(out_dir), fmt, dtype, quantize, "dense" if dense else config.policy.kind,
-                          "dense" if dense else "skip", list(runtime.policy.skippable_layers), if_count, q_ops,
-                          _dir_size(tmp), time.perf_counter() - t0, parity,
-                          sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-    write_json_atomic(tmp / EXPORT_INFO, {**info, "report": report.to_dict()})
-    return report
+    return ExportReport(Path(request.out_dir), manifest, details, time.perf_counter() - t0)
 
 
-def _runtime_for(lm: Any, config: SkipConfig, dense: bool) -> SkipRuntime:
+def _export_into(lm: LoadedModel, config: SkipConfig, runtime: SkipRuntime, request: ExportRequest, target: str,
+                 runtimes: tuple[str, ...], tmp: Path, scratch: Path,
+                 progress: Progress) -> tuple[ExportManifest, dict[str, Any]]:
+    progress("tracing the skip runtime")
+    proto = trace_graph(lm.model, runtime)
+    if_count = check_graph(proto, len(runtime.policy.skippable_layers))
+    add_optional_skip_mask(proto, runtime.controller.stats.num_layers)
+    fold_weight_transposes(proto)
+    _set_metadata(proto, config, request.dense)
+    progress("saving and checking the graph")
+    graph = (scratch if request.quantize != "none" else tmp) / MODEL_FILE
+    save_graph(proto, graph)
+    del proto
+    manifest = _manifest(lm, config, request, target, runtimes, if_count)
+    prompt = parity_prompt(lm.tokenizer, runtime.policy.warmup, int(lm.model.config.vocab_size))
+    progress("checking ONNX Runtime against PyTorch")
+    checks = {"fp32" if request.dtype == "fp32" else request.dtype:
+              enforce_parity(check_parity(graph, manifest, lm.model, runtime, prompt, request.parity_steps),
+                             target, request.dtype, graph)}
+    details: dict[str, Any] = {}
+    if request.quantize != "none":
+        progress(f"quantizing ({request.quantize})")
+        from .quantize import quantize_graph
+
+        details["quantized_ops_in_branches"] = quantize_graph(graph, tmp / MODEL_FILE, request.quantize)
+        progress(f"checking the {request.quantize} graph against PyTorch")
+        report = check_parity(tmp / MODEL_FILE, manifest, lm.model, runtime, prompt, request.parity_steps)
+        checks[request.quantize] = enforce_parity(report, target, request.quantize, tmp / MODEL_FILE)
+    return manifest.replace(checks=checks), details
+
+
+def _runtime_for(lm: LoadedModel, config: SkipConfig, dense: bool) -> SkipRuntime:
     """The PyTorch skip runtime that is traced: the config's policy, or no skippable layer at all."""
     if dense:
-        num_layers = config.model.num_layers
-        return apply_skip(lm.model, lm.adapter, NeverSkip(num_layers, [], 0))
-    runtime = runtime_from_config(lm.model, lm.adapter, config)
-    if isinstance(runtime.policy, RandomSkip):
+        return apply_skip(lm.model, lm.adapter, NeverSkip(config.model.num_layers, [], 0))
+    runtime = open_runtime(lm.model, lm.adapter, config)
+    if not type(runtime.policy).exportable:
         runtime.remove()
-        raise ConfigError("the random policy is a baseline that cannot be exported (its decisions are random "
-                          "draws, not a function of the graph's tensors); export static, cosine or router")
+        raise ConfigError(f"the {config.policy.kind} policy cannot be exported (its decisions are not a function of "
+                          "the graph's tensors); export static, cosine or router")
     return runtime
 
 
@@ -355,30 +281,31 @@ def _set_metadata(model: onnx.ModelProto, config: SkipConfig, dense: bool) -> No
     model.producer_name = "skiptool"
 
 
-def _export_info(lm: Any, config: SkipConfig, dense: bool, dtype: str, quantize: str, fmt: str,
-                 if_count: int) -> dict[str, Any]:
-    """``skiptool_export.json``: what the ORT backend needs to drive the graph."""
-    kv_heads, head_dim = kv_shape(lm.model)
-    return {"format": fmt, "file": MODEL_FILE, "dtype": dtype, "quantize": quantize,
-            "precision": quantize if quantize != "none" else dtype, "mode": "dense" if dense else "skip",
-            "policy": "dense" if dense else config.policy.kind, "source": lm.source,
-            "num_layers": config.model.num_layers, "skippable_layers": [] if dense else config.skippable_layers,
-            "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": int(lm.model.config.vocab_size),
-            "eos_token_ids": sorted(_eos_ids(lm)), "if_count": if_count}
+def _manifest(lm: LoadedModel, config: SkipConfig, request: ExportRequest, target: str, runtimes: tuple[str, ...],
+              if_count: int) -> ExportManifest:
+    kv_heads, head_dim = kv_shape(lm.model.config)
+    return ExportManifest(
+        target=target, runtimes=runtimes, file=MODEL_FILE,
+        precision=request.quantize if request.quantize != "none" else request.dtype,
+        mode="dense" if request.dense else "skip", policy="dense" if request.dense else config.policy.kind,
+        source=lm.source, num_layers=config.model.num_layers,
+        skippable_layers=() if request.dense else tuple(config.skippable_layers), num_key_value_heads=kv_heads,
+        head_dim=head_dim, vocab_size=int(lm.model.config.vocab_size), eos_token_ids=tuple(eos_token_ids(lm)),
+        if_count=if_count)
 
 
-def _write_side_files(lm: Any, config: SkipConfig, tmp: Path) -> None:
+def _write_side_files(lm: LoadedModel, config: SkipConfig, tmp: Path) -> None:
     """Skip config (with its router / stand-in weights copied beside it), tokenizer, genai_config.json."""
     config.save_with_artifacts(tmp)
     lm.tokenizer.save_pretrained(str(tmp))
-    write_json_atomic(tmp / "genai_config.json", genai_config(lm))
+    write_json_atomic(tmp / GENAI_CONFIG_FILE, genai_config(lm))
 
 
-def genai_config(lm: Any) -> dict[str, Any]:
+def genai_config(lm: LoadedModel) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for the exported graph."""
     c = lm.model.config
-    kv_heads, head_dim = kv_shape(lm.model)
-    eos = sorted(_eos_ids(lm))
+    kv_heads, head_dim = kv_shape(c)
+    eos = eos_token_ids(lm)
     context = int(getattr(c, "max_position_embeddings", 2048))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else eos[0] if eos else 0
     return {
@@ -398,11 +325,6 @@ def genai_config(lm: Any) -> dict[str, Any]:
     }
 
 
-def _eos_ids(lm: Any) -> set[int]:
-    from skiptool.generate import _eos_ids as eos_ids
-
-    return eos_ids(lm.model, lm.tokenizer)
-
-
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+EXPORT_TARGETS.register("onnx", ExportTarget(
+    "onnx", "standard ONNX ops, an If per skippable FFN; runs in ONNX Runtime (skiptool's backend) and "
+    "onnxruntime-genai", export_standard))

@@ -27,7 +27,7 @@ import onnx
 
 from skiptool.errors import SkipToolError
 
-from .onnx import EXTERNAL_DATA_OVER, count_ops, iter_nodes
+from skiptool.onnx_graph import EXTERNAL_DATA_OVER, count_ops, iter_nodes
 
 QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits"}
 BITS = {"int8": 8, "int4": 4}

@@ -21,36 +21,15 @@ from typing import Any
 
 import onnx
 
-from skiptool.errors import MissingDependencyError, SkipToolError
+from skiptool.contract import BATCH, ENGINE_FILE, MODEL_FILE, PAST, PRESENT, SEQUENCE, TOTAL, ExportManifest
+from skiptool.accelerators import require_tensorrt
+from skiptool.errors import SkipToolError
+from skiptool.onnx_graph import drop_initializer_inputs, iter_nodes
 
-from .io_names import BATCH, PAST, PRESENT, SEQUENCE, TOTAL
-from .onnx import iter_nodes
+from .onnx import export_standard
+from .target import EXPORT_TARGETS, ExportReport, ExportRequest, ExportTarget, Progress
 
 STANDARD_DOMAINS = ("", "ai.onnx")
-ENGINE_FILE = "model.engine"  # written beside model.onnx by `skiptool export --format tensorrt`
-
-
-def tensorrt_unavailable() -> str | None:
-    """Why TensorRT cannot build or run engines here (None when ``tensorrt`` imports and CUDA is available)."""
-    try:
-        import tensorrt  # noqa: F401 - the import is the check
-    except ImportError:
-        return "TensorRT is not installed here (pip install tensorrt)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible here"
-    return None
-
-
-def require_tensorrt(purpose: str = "--format tensorrt") -> Any:
-    """The ``tensorrt`` module, or one clear error line saying what is missing."""
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        raise MissingDependencyError(f"{purpose} needs TensorRT and an NVIDIA GPU: {reason}")
-    import tensorrt
-
-    return tensorrt
 
 
 def graph_problems(model: onnx.ModelProto) -> list[str]:
@@ -99,13 +78,7 @@ def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     TensorRT's parser would otherwise import them as constants (see the module docstring). Weights stored
     as external data stay references to ``model.onnx.data``; parse the result with the graph's path.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inputs = {i.name for i in out.graph.input}
-    kept = [t for t in out.graph.initializer if t.name not in inputs]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    return out
+    return drop_initializer_inputs(model)
 
 
 def profile_shapes(model: onnx.ModelProto, max_batch: int = 1, max_context: int = 2048,
@@ -156,3 +129,22 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool = False, max_bat
         raise SkipToolError("TensorRT failed to build the engine (see its log above)")
     engine_path.write_bytes(bytes(engine))
     return engine_path
+
+
+def export_tensorrt(request: ExportRequest, progress: Progress) -> ExportReport:
+    """``export --format tensorrt``: the ``onnx`` target's folder (graph, parity check, config, tokenizer) plus
+    ``model.engine``, TensorRT's build of that graph. Fails before any work without TensorRT or a GPU."""
+    require_tensorrt()
+
+    def add_engine(folder: Path, manifest: ExportManifest, say: Progress) -> dict[str, Any]:
+        say("building the TensorRT engine")
+        build_engine(folder / MODEL_FILE, folder / ENGINE_FILE, fp16=request.dtype == "fp16")
+        return {"engine": ENGINE_FILE}
+
+    return export_standard(request, progress, target="tensorrt", runtimes=("tensorrt", "onnxruntime"),
+                           finish=add_engine)
+
+
+EXPORT_TARGETS.register("tensorrt", ExportTarget(
+    "tensorrt", "the onnx graph plus a TensorRT engine built from it (needs TensorRT and an NVIDIA GPU)",
+    export_tensorrt))

@@ -6,6 +6,8 @@ skiptool reaches a layer's attention, norms and MLP only through an :class:`Arch
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,23 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     if model_type is None:
         raise ModelLoadError(f"{type(model).__name__} has no Hugging Face config; cannot tell its architecture")
     return adapter_for_model_type(model_type)
+
+
+def kv_shape(config: Any) -> tuple[int, int]:
+    """(KV heads, head dim) of a Hugging Face decoder config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads), int(head_dim)
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands a KV cache to a Hugging Face causal LM's forward: ``cache`` from
+    transformers 5.24 (``past_key_values`` is deprecated there, removed in 5.40), ``past_key_values`` before."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _get_path(obj: Any, path: str) -> Any:

@@ -16,7 +16,6 @@ from .errors import ConfigError
 from .fileio import write_json_atomic
 
 SCHEMA_VERSION = 1
-POLICY_KINDS = ("none", "static", "cosine", "router", "random")
 CONFIG_FILENAME = "skip_config.json"
 
 
@@ -56,14 +55,9 @@ class ArtifactRef:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A policy kind and its parameters.
-
-    - ``none``: never skip.
-    - ``static``: ``{"skip_layers": [i, ...]}`` — those layers' FFNs are always skipped.
-    - ``cosine``: ``{"thresholds": [float|null per layer], "greedy_k": int}`` — FFN-SkipLLM.
-    - ``router``: ``{"threshold": float}`` — DiffSkip routers; weights in ``SkipConfig.router``.
-    - ``random``: ``{"rate": float, "seed": int}`` — a baseline that skips tokens at random.
-    """
+    """A policy kind and its parameters, as stored. The kinds and their typed parameters are registered in
+    :mod:`skiptool.policies` (``none``, ``static``, ``cosine``, ``router``, ``random``), which checks them when
+    the policy is built (:func:`skiptool.policies.check_policy`)."""
 
     kind: str = "none"
     params: dict[str, Any] = field(default_factory=dict)
@@ -167,7 +161,7 @@ class SkipConfig:
                 target_skip=data.get("target_skip"),
                 router=_artifact(data.get("router")),
                 standin=_artifact(data.get("standin")),
-                metadata=data.get("metadata") or {},
+                metadata=data.get("metadata", {}),
                 base_dir=base_dir,
             )
         except TypeError as exc:  # wrong or missing fields in a nested object
@@ -230,34 +224,12 @@ def _validate(cfg: SkipConfig) -> None:
                           f"of {m.num_layers}")
     if cfg.target_skip is not None and not (isinstance(cfg.target_skip, (int, float)) and 0 <= cfg.target_skip < 1):
         raise ConfigError("target_skip must be a number in [0, 1)")
+    if not isinstance(cfg.policy.kind, str) or not cfg.policy.kind:
+        raise ConfigError("policy.kind must be a non-empty string")
     if not isinstance(cfg.policy.params, dict):
         raise ConfigError("policy.params must be an object")
-    kind, params = cfg.policy.kind, cfg.policy.params
-    if kind not in POLICY_KINDS:
-        raise ConfigError(f"unknown policy kind {kind!r} (expected one of {', '.join(POLICY_KINDS)})")
-    if kind == "static":
-        layers = params.get("skip_layers")
-        if not isinstance(layers, list) or not all(_is_int(i) and 0 <= i < m.num_layers for i in layers):
-            raise ConfigError(f"static policy needs skip_layers: a list of layer indices below {m.num_layers}")
-    elif kind == "cosine":
-        th = params.get("thresholds")
-        if not isinstance(th, list) or len(th) != m.num_layers:
-            raise ConfigError(f"cosine policy needs {m.num_layers} thresholds (one per layer, null for cold layers)")
-        if not all(t is None or isinstance(t, (int, float)) for t in th):
-            raise ConfigError("cosine thresholds must be numbers or null")
-        k = params.get("greedy_k", 1)
-        if not _is_int(k) or k < 1:
-            raise ConfigError("cosine greedy_k must be a positive integer")
-    elif kind == "router":
-        if cfg.router is None:
-            raise ConfigError("router policy needs a 'router' entry with the weights path")
-        t = params.get("threshold", 0.5)
-        if not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise ConfigError("router threshold must be a probability in (0, 1)")
-    elif kind == "random":
-        r = params.get("rate")
-        if not isinstance(r, (int, float)) or not 0 <= r <= 1:
-            raise ConfigError("random policy needs rate in [0, 1]")
+    if not isinstance(cfg.metadata, dict):
+        raise ConfigError("metadata must be an object")
     for ref in (cfg.router, cfg.standin):
         if ref is not None and ref.rank is not None and (not _is_int(ref.rank) or ref.rank <= 0):
             raise ConfigError("artifact rank must be a positive integer")

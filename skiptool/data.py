@@ -30,6 +30,20 @@ class DataSpec:
     split: str = "test"
     part: tuple[float, float] = (0.0, 1.0)
 
+    def same_text(self, other: "DataSpec") -> bool:
+        """Whether both name the same text (the same file, dataset split and field)."""
+        return (_canonical(self.source), self.field, self.split) == (_canonical(other.source), other.field,
+                                                                      other.split)
+
+    def overlaps(self, other: "DataSpec") -> bool:
+        """Whether the two specs select overlapping parts of the same text."""
+        return self.same_text(other) and self.part[0] < other.part[1] and other.part[0] < self.part[1]
+
+
+def _canonical(source: str) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
 
 def parse_part(text: str) -> tuple[float, float]:
     """Parse ``"0:0.5"`` into ``(0.0, 0.5)``, checking ``0 <= start < end <= 1``."""

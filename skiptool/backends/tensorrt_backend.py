@@ -24,16 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..accelerators import require_tensorrt, tensorrt_unavailable
+from ..contract import (ATTENTION_MASK, ENGINE_FILE, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK,
+                        ExportManifest, GraphIO, read_manifest)
 from ..errors import SkipToolError
 from .base import DecisionCounter, parse_skip_mask
-from ..exporters.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SKIP_DECISIONS, SKIP_MASK, GraphIO
-from ..exporters.tensorrt import ENGINE_FILE, require_tensorrt, tensorrt_unavailable
+from .registry import RUNTIMES, RunOptions, Runtime
 
-__all__ = ["TrtBackend", "generate_from_engine", "tensorrt_unavailable"]
+__all__ = ["TrtBackend", "tensorrt_unavailable"]
 
 # TensorRT DataType member names (trt.DataType.<NAME>) -> torch dtype names
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -156,20 +158,19 @@ class TrtBackend:
     """A :class:`~skiptool.backends.base.DecodeBackend` over a deserialized TensorRT engine.
 
     `engine` is a ``tensorrt.ICudaEngine`` (or anything with the methods listed in the module docstring);
-    `info` is the export's ``skiptool_export.json``. `device` is ``"cuda"`` for a real engine.
+    `manifest` is the export's. `device` is ``"cuda"`` for a real engine.
     """
 
     name = "tensorrt"
 
-    def __init__(self, engine: Any, info: Mapping[str, Any], device: str = "cuda",
+    def __init__(self, engine: Any, manifest: ExportManifest, device: str = "cuda",
                  skip_mask: Sequence[int] | None = None) -> None:
         import torch
 
-        self.engine, self.info = engine, dict(info)
-        self.precision: str = self.info.get("precision", "fp32")
-        self.mode: str = self.info.get("mode", "skip")
-        self.io = GraphIO(int(self.info["num_layers"]))
-        self.kv_heads, self.head_dim = int(self.info["num_key_value_heads"]), int(self.info["head_dim"])
+        self.engine, self.manifest = engine, manifest
+        self.precision, self.mode = manifest.precision, manifest.mode
+        self.io = manifest.io
+        self.kv_heads, self.head_dim = manifest.num_key_value_heads, manifest.head_dim
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.plan = engine_io({n: _enum_name(engine.get_tensor_mode(n)) for n in names}, self.io)
         self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
@@ -185,13 +186,11 @@ class TrtBackend:
         self.reset()
 
     @classmethod
-    def from_export(cls, path: str | Path, skip_mask: Sequence[int] | None = None) -> "TrtBackend":
+    def from_export(cls, folder: str | Path, manifest: ExportManifest | None = None,
+                    options: RunOptions = RunOptions()) -> "TrtBackend":
         """Load ``model.engine`` from an export directory (or an engine file inside one)."""
-        from .onnxruntime import read_export_info
-
-        engine_path, folder = locate_engine(path)
-        info = read_export_info(folder)
-        return cls(load_engine(engine_path), info, "cuda", skip_mask)
+        engine_path, folder = locate_engine(folder)
+        return cls(load_engine(engine_path), manifest or read_manifest(folder), "cuda", options.skip_mask)
 
     # -- configuration ---------------------------------------------------------------------------
     def set_skip_mask(self, skip_mask: Sequence[int] | None) -> None:
@@ -227,7 +226,7 @@ class TrtBackend:
             return None
         return self.counter.ratio
 
-    def per_layer_skip_ratio(self) -> list[float] | None:
+    def per_layer_skip(self) -> list[float] | None:
         if not self.plan.has_decisions:
             return None
         return self.counter.per_layer()
@@ -302,25 +301,4 @@ class TrtBackend:
         return self._past[key].float().cpu().numpy(), self._past[value].float().cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------------
-# entry points for the CLI and the benchmark
-# ------------------------------------------------------------------------------------------------
-def generate_from_engine(path: str | Path, prompt: str, raw: bool = False, max_new_tokens: int = 64,
-                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                         on_text: Callable[[str], None] | None = None,
-                         skip_mask: Sequence[int] | None = None) -> Any:
-    """``skiptool generate --engine PATH``: the export's tokenizer and TensorRT engine, one prompt."""
-    from transformers import AutoTokenizer
-
-    from ..generate import encode_prompt
-    from .onnxruntime import generate_text
-
-    engine_path, folder = locate_engine(path)
-    require_tensorrt("generate --engine")
-    backend = TrtBackend.from_export(engine_path, skip_mask)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:  # noqa: BLE001
-        raise SkipToolError(f"cannot load the tokenizer saved in {folder}: {str(exc).splitlines()[0]}") from None
-    ids = encode_prompt(tokenizer, prompt, raw=raw)[0].tolist()
-    return generate_text(backend, tokenizer, ids, max_new_tokens, temperature, top_p, seed, on_text)
+RUNTIMES.register("tensorrt", Runtime("tensorrt", TrtBackend.from_export, tensorrt_unavailable))

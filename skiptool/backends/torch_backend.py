@@ -1,8 +1,9 @@
-"""PyTorch eager decode backend: the HF model, dense or wrapped by the skip runtime.
+"""PyTorch decode backend: the one PyTorch decode loop (prefill, then one token per step through a KV cache).
 
-Several backends may share one loaded model (dense, the config's policy, forced ratios): each one
-installs its own skip wrapper in :meth:`TorchBackend.reset` and takes any other one off, so one copy
-of the weights serves every PyTorch run of a benchmark.
+The model runs as it is (dense, or wrapped by a runtime the caller opened), or with a skip config's policy.
+Several backends may share one loaded model (dense, the config's policy, forced ratios): each installs its own
+skip wrapper in :meth:`TorchBackend.reset` and takes any other backend's off, so one copy of the weights serves
+every PyTorch run of a benchmark.
 """
 
 from __future__ import annotations
@@ -14,40 +15,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import ArchAdapter
+from ..adapters import ArchAdapter, adapter_for, cache_kwargs
 from ..config import SkipConfig
-from ..runtime import SkipRuntime, SkipStats, ZeroSubstitute, apply_skip, runtime_from_config
+from ..runtime import SkipRuntime, SkipStats, active_runtime, apply_skip, open_runtime
 
 # model id -> the backend whose skip wrapper is installed on it now
 _ACTIVE: "weakref.WeakValueDictionary[int, TorchBackend]" = weakref.WeakValueDictionary()
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TorchBackend:
-    """:class:`~skiptool.backends.base.DecodeBackend` over a Hugging Face causal LM.
+    """:class:`~skiptool.backends.base.DecodeBackend` over a Hugging Face causal LM (batch 1).
 
-    `config` None: dense (the model as loaded). Otherwise the config's policy (and stand-ins) through
-    the skip runtime; `override` forces layers (1 skip, -1 compute, 0 policy) via ``set_override``.
+    `config` None: the model as it is now (dense, or under a runtime the caller opened with
+    :func:`skiptool.runtime.open_runtime`, whose counters are then read). Otherwise the config's policy (and
+    stand-ins) through the skip runtime; `override` forces layers (1 skip, -1 compute, 0 policy).
+    Skip counters cover the decode steps only (the prefill is not counted), as in every other backend.
     """
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, adapter: ArchAdapter, config: SkipConfig | None = None,
+    def __init__(self, model: nn.Module, adapter: ArchAdapter | None = None, config: SkipConfig | None = None,
                  override: list[int] | None = None, device: str | None = None) -> None:
-        self.model, self.adapter = model, adapter
+        self.model, self.adapter = model, adapter or adapter_for(model)
         self.device = torch.device(device) if device else next(model.parameters()).device
-        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
-            next(model.parameters()).dtype, "fp32")
-        self.mode = "dense" if config is None else "skip"
+        self.precision = PRECISIONS.get(next(model.parameters()).dtype, "fp32")
         self.override = override
-        self.policy, self.substitutes = _policy_of(model, adapter, config) if config is not None else (None, None)
+        self.policy, self.substitutes = _policy_of(model, self.adapter, config) if config is not None else (None, None)
         self.runtime: SkipRuntime | None = None
+        self.mode = "dense" if config is None and active_runtime(model) is None else "skip"
         self._cache: Any = None
-        self._position = 0
-        self._steps = 0
+        self._position = self._steps = 0
 
     # -- skip wrapper ------------------------------------------------------------------------
     def _activate(self) -> None:
-        """Install this backend's skip wrapper on the shared model (and take off anyone else's)."""
+        """Install this backend's skip wrapper on the shared model (and take off any other backend's)."""
         key = id(self.model)
         current = _ACTIVE.get(key)
         if current is self:
@@ -77,39 +79,42 @@ class TorchBackend:
         self._activate()
         self._cache = DynamicCache(config=self.model.config)
         self._position = self._steps = 0
-        if self.runtime is not None:
-            self.runtime.stats.reset()
+        if self.stats is not None:
+            self.stats.reset()
 
     @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        logits = self._forward(ids, torch.arange(ids.shape[1], device=self.device).unsqueeze(0))
-        if self.runtime is not None:  # count decode steps only
-            self.runtime.stats.reset()
+        logits = self.forward(list(token_ids))[-1]
+        if self.stats is not None:  # count decode steps only
+            self.stats.reset()
         return logits
 
     @torch.inference_mode()
     def step(self, token_id: int) -> np.ndarray:
-        ids = torch.tensor([[int(token_id)]], dtype=torch.long, device=self.device)
         self._steps += 1
-        return self._forward(ids, torch.tensor([[self._position]], device=self.device))
+        return self.forward([int(token_id)])[-1]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
-        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, position_ids=positions)
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append tokens to the cached sequence; their logits ``[len(token_ids), vocab]`` (float32)."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(self._position, self._position + ids.shape[1], device=self.device)[None]
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
+                         **cache_kwargs(self.model, self._cache))
         self._position += ids.shape[1]
-        return out.logits[0, -1].float().cpu().numpy()
+        return out.logits[0].float().cpu().numpy()
 
     def skip_ratio(self) -> float | None:
         return self.stats.skip_ratio if self.stats is not None else 0.0
+
+    def per_layer_skip(self) -> list[float] | None:
+        return self.stats.per_layer() if self.stats is not None else None
 
     # -- extras ------------------------------------------------------------------------------
     @property
     def stats(self) -> SkipStats | None:
         """The skip runtime's counters for the current sequence (None when dense)."""
-        return self.runtime.stats if self.runtime is not None else None
-
-    def per_layer_skip(self) -> list[float] | None:
-        return self.stats.per_layer() if self.stats is not None else None
+        runtime = self.runtime if self.policy is not None else active_runtime(self.model)
+        return runtime.stats if runtime is not None else None
 
     def ffn_counters(self) -> dict[str, int]:
         """FFN calls made and avoided during the decode steps since the last reset."""
@@ -132,8 +137,7 @@ def _policy_of(model: nn.Module, adapter: ArchAdapter,
     current = _ACTIVE.get(id(model))
     if current is not None:
         current._deactivate()
-    runtime = runtime_from_config(model, adapter, config)
-    subs = {layer.index: layer.substitute for layer in runtime.layers
-            if not isinstance(layer.substitute, ZeroSubstitute)}
+    runtime = open_runtime(model, adapter, config)
+    subs = runtime.substitutes()
     runtime.remove()
     return runtime.policy, subs or None

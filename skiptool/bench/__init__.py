@@ -13,14 +13,15 @@ weights, so a run that reads ``b`` bytes per token where the dense run reads ``d
 plus the policy's (routers); for ONNX they are the initializers of the graph that runs (:func:`onnx_graph_bytes`),
 so an int4 graph gets its own ideal.
 
-The parts, lower first (each imports only those listed before it; `plans` names `BenchRequest` for type
-checking only):
+The parts, lower first (each imports only those listed before it):
 
-- :mod:`.ideal` — the arithmetic: percentiles, forced masks, :class:`IdealBasis`, ONNX graph bytes and precision;
+- :mod:`skiptool.ideal` (below the package: the GPU engine shares it) — the arithmetic: percentiles, forced masks,
+  :class:`IdealBasis`, ONNX graph bytes and precision;
+- :mod:`.request` — :class:`BenchRequest`, what ``skiptool bench`` was asked;
 - :mod:`.harness` — :class:`RunSpec`, :class:`RunResult`, :class:`Measurement` and the round-robin :func:`measure`;
 - :mod:`.plans` — which runs to make: PyTorch, ONNX Runtime exports, peers (:func:`plan_runs`);
 - :mod:`.report` — :func:`summarise`, the rich table, the PNG plot, the Markdown table;
-- :mod:`.run` — :class:`BenchRequest` and :func:`run_bench`, the whole benchmark.
+- :mod:`.run` — :func:`run_bench`, the whole benchmark.
 
 Everything public is re-exported here, so ``from skiptool.bench import ...`` is all a caller needs.
 """
@@ -30,19 +31,20 @@ from __future__ import annotations
 from ..errors import SkipToolError
 from .harness import (DEFAULT_NEW_TOKENS, MaskedView, Measurement, RunResult, RunSpec, backend_logits_fn,
                       backend_perplexity, measure, peak_rss_mib, progress_steps, rss_mib, shared)
-from .ideal import (LOOKUP_INPUTS, GraphBytes, IdealBasis, forced_layers, forced_mask, fraction_of_ideal,
+from ..ideal import (LOOKUP_INPUTS, GraphBytes, IdealBasis, forced_layers, forced_mask, fraction_of_ideal,
                     median_min_max, onnx_graph_bytes, onnx_precision, percentile, tensor_nbytes)
-from .plans import (ExportPlan, export_variant_specs, genai_export_specs, gpu_notes, model_files, ort_export_specs,
-                    peer_specs, plan_runs, torch_specs)
+from .plans import (ExportPlan, config_beside, export_variant_specs, folder_specs, gpu_notes, model_files, peer_specs,
+                    plan_runs, torch_specs)
 from .report import PEER_NAMES, bench_table, report_markdown, summarise, write_plot
-from .run import BenchRequest, bench_prompts, parse_ratios, run_bench
+from .request import BenchRequest
+from .run import bench_prompts, parse_ratios, run_bench
 
 __all__ = [
     "BenchRequest", "DEFAULT_NEW_TOKENS", "ExportPlan", "GraphBytes", "IdealBasis", "LOOKUP_INPUTS", "MaskedView",
     "Measurement", "PEER_NAMES", "RunResult", "RunSpec", "SkipToolError", "backend_logits_fn", "backend_perplexity",
-    "bench_prompts", "bench_table", "export_variant_specs", "forced_layers", "forced_mask", "fraction_of_ideal",
-    "genai_export_specs", "gpu_notes", "measure", "median_min_max", "model_files", "onnx_graph_bytes",
-    "onnx_precision", "ort_export_specs", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile", "plan_runs",
+    "bench_prompts", "bench_table", "config_beside", "export_variant_specs", "folder_specs", "forced_layers",
+    "forced_mask", "fraction_of_ideal", "gpu_notes", "measure", "median_min_max", "model_files", "onnx_graph_bytes",
+    "onnx_precision", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile", "plan_runs",
     "progress_steps", "report_markdown", "rss_mib", "run_bench", "shared", "summarise", "tensor_nbytes",
     "torch_specs", "write_plot",
 ]

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..backends.base import DecodeBackend, greedy_decode
-from .ideal import IdealBasis
+from ..backends.base import DecodeBackend
+from ..generate import decode
+from ..ideal import IdealBasis
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -137,7 +138,7 @@ def _build(spec: RunSpec) -> tuple[DecodeBackend | None, RunResult]:
 def _decode_once(backend: DecodeBackend, result: RunResult, m: Measurement, keep: bool) -> None:
     for prompt in m.prompts:
         cpu = time.process_time()
-        timing = greedy_decode(backend, prompt, m.new_tokens)
+        timing = decode(backend, prompt, m.new_tokens)
         cpu = time.process_time() - cpu
         if not keep:
             continue
@@ -156,7 +157,7 @@ def _add_counters(backend: DecodeBackend, result: RunResult) -> None:
         c = counters()
         result.ffn_calls = (result.ffn_calls or 0) + c["ffn_calls"]
         result.ffn_calls_avoided = (result.ffn_calls_avoided or 0) + c["ffn_calls_avoided"]
-    per_layer = getattr(backend, "per_layer_skip", None) or getattr(backend, "per_layer_skip_ratio", None)
+    per_layer = getattr(backend, "per_layer_skip", None)
     if per_layer is not None:
         result.per_layer_skip = per_layer()
 
@@ -169,6 +170,7 @@ def measure(specs: Sequence[RunSpec], m: Measurement,
     result's `error`; any other failure propagates.
     """
     built = [_build(spec) for spec in specs]
+    _mark_shared(built)
     for rep in range(m.warmup + m.repeats):
         for backend, result in built:
             if backend is not None and result.error is None:
@@ -190,6 +192,21 @@ def measure(specs: Sequence[RunSpec], m: Measurement,
         if close is not None:
             close()
     return [result for _, result in built]
+
+
+def _mark_shared(built: list[tuple[DecodeBackend | None, RunResult]]) -> None:
+    """Runs that reuse a backend another run loaded (forced ratios over one session) added no memory of their
+    own: their load RSS is None, and their settings name the run that loaded it."""
+    first: dict[int, str] = {}
+    for backend, result in built:
+        if backend is None:
+            continue
+        underlying = getattr(backend, "backend", backend)
+        if id(underlying) in first:
+            result.rss_load_mib = None
+            result.spec.settings["shares_backend_with"] = first[id(underlying)]
+        else:
+            first[id(underlying)] = result.spec.label
 
 
 def progress_steps(specs: Sequence[RunSpec], m: Measurement) -> int:
@@ -228,8 +245,7 @@ class MaskedView:
         return self.backend.skip_ratio()
 
     def per_layer_skip(self) -> list[float] | None:
-        per_layer = getattr(self.backend, "per_layer_skip_ratio", None)
-        return per_layer() if per_layer is not None else None
+        return self.backend.per_layer_skip()
 
 
 def shared(factory: Callable[[], Any]) -> Callable[[], Any]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .harness import RunResult
-from .ideal import fraction_of_ideal, median_min_max, percentile
+from ..ideal import fraction_of_ideal, median_min_max, percentile
 
 
 def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -113,8 +113,12 @@ PEER_NAMES = ("onnxruntime-genai", "llama.cpp")
 # ------------------------------------------------------------------------------------------------
 # Table
 # ------------------------------------------------------------------------------------------------
-def bench_table(report: dict[str, Any]) -> Any:
-    """The report as a rich table (one row per run that ran) followed by the runs that could not run."""
+def bench_table(report: dict[str, Any], wide: bool = False) -> Any:
+    """The report as a rich table (one row per run that ran) followed by the runs that could not run.
+
+    The default columns fit 80 characters: run, tok/s, skip, speedup, ideal, of ideal. `wide` adds min–max,
+    p50/p90 latency, prefill, the memory a run added when it loaded, and perplexity (with ``--quality``).
+    """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -122,19 +126,21 @@ def bench_table(report: dict[str, Any]) -> Any:
     s = report["settings"]
     ran = [r for r in report["runs"] if r["tokens_per_s"]]
     quality = any(r.get("perplexity") is not None for r in ran)
-    table = Table(title=f"{report['model']}: {s['new_tokens']} new tokens, median of {s['repeats']} (min–max), "
-                        f"{s['threads']} threads, ORT spinning {s['intra_op_spinning']}")
-    for name in ("run", "tok/s", "min–max", "p50/p90 ms", "prefill ms", "skip", "speedup", "ideal", "of ideal",
-                 "+RSS MiB") + (("ppl",) if quality else ()):
-        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=name == "run")
+    columns = ["run", "tok/s"] + (["min–max", "p50/p90 ms", "prefill ms"] if wide else []) + \
+        ["skip", "speedup", "ideal", "of ideal"] + (["+RSS MiB"] if wide else []) + (["ppl"] if quality else [])
+    table = Table(title=f"{report['model']}: {s['new_tokens']} new tokens, median of {s['repeats']}, "
+                        f"{s['threads']} threads, spinning {s['intra_op_spinning']}", title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="left" if name == "run" else "right", overflow="fold")
     for r in ran:
-        cells = [_short_label(r), _fmt(r["tokens_per_s"], "{:.1f}"),
-                 f"{_fmt(r['tokens_per_s_min'], '{:.0f}')}–{_fmt(r['tokens_per_s_max'], '{:.0f}')}",
-                 f"{_fmt(r['latency_ms_p50'], '{:.1f}')}/{_fmt(r['latency_ms_p90'], '{:.1f}')}",
-                 _fmt(r["prefill_ms"], "{:.0f}"), _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}"),
-                 _fmt(r["ideal_speedup"], "{:.3f}"), _fmt(r["fraction_of_ideal"], "{:.2f}"),
-                 _fmt(r["memory"]["rss_load_mib"], "{:.0f}")]
-        table.add_row(*cells, *([_fmt(r.get("perplexity"), "{:.2f}")] if quality else []))
+        cells = {"run": _short_label(r), "tok/s": _fmt(r["tokens_per_s"], "{:.1f}"),
+                 "min–max": f"{_fmt(r['tokens_per_s_min'], '{:.1f}')}–{_fmt(r['tokens_per_s_max'], '{:.1f}')}",
+                 "p50/p90 ms": f"{_fmt(r['latency_ms_p50'], '{:.1f}')}/{_fmt(r['latency_ms_p90'], '{:.1f}')}",
+                 "prefill ms": _fmt(r["prefill_ms"], "{:.0f}"), "skip": _fmt(r["skip_ratio"], "{:.1%}"),
+                 "speedup": _fmt(r["speedup"], "{:.3f}"), "ideal": _fmt(r["ideal_speedup"], "{:.3f}"),
+                 "of ideal": _fmt(r["fraction_of_ideal"], "{:.2f}"),
+                 "+RSS MiB": _fmt(r["memory"]["rss_load_mib"], "{:.0f}"), "ppl": _fmt(r.get("perplexity"), "{:.2f}")}
+        table.add_row(*(cells[c] for c in columns))
     notes = [Text(f"{r['label']}: {r['status']}", style="dim") for r in report["runs"] if not r["tokens_per_s"]]
     return Group(table, *notes)
 

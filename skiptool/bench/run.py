@@ -1,4 +1,4 @@
-"""The whole benchmark: :class:`BenchRequest` (what `skiptool bench` was asked), :func:`run_bench` (load the
+"""The whole benchmark: :func:`run_bench` (load the
 model, plan the runs, measure them, summarise), the settings recorded in the report, and the
 ``--skip-ratio`` parser.
 """
@@ -8,38 +8,14 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SkipToolError
-from .harness import DEFAULT_NEW_TOKENS, Measurement, measure, peak_rss_mib, progress_steps
-from .plans import _config_beside, _ort_providers, plan_runs
+from .harness import Measurement, measure, peak_rss_mib, progress_steps
+from .plans import config_beside, plan_runs
 from .report import summarise
-
-
-@dataclass
-class BenchRequest:
-    """What `skiptool bench` was asked to do."""
-
-    model: str = "smollm2-135m"
-    config: Path | None = None
-    onnx: list[Path] = field(default_factory=list)
-    skip_ratios: list[float] = field(default_factory=list)
-    new_tokens: int = DEFAULT_NEW_TOKENS
-    repeats: int = 3
-    warmup: int = 1
-    threads: int | None = None
-    spin: bool = False
-    quality: bool = False
-    data: str | None = None
-    prompt_tokens: int = 32
-    num_prompts: int = 1
-    quality_tokens: int = 64
-    quality_blocks: int = 2
-    peers: bool = True
-    torch: bool = True
-    device: str = "cpu"
+from .request import BenchRequest
 
 
 def bench_prompts(tokenizer: Any, source: str | None, prompt_tokens: int, num_prompts: int,
@@ -58,15 +34,18 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
 
     from ..config import load_config
     from ..models import load_model
+    from ..policies import check_policy
 
     if req.repeats < 1 or req.new_tokens < 2:
         raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
     threads = req.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    config = load_config(req.config) if req.config is not None else _config_beside(req.onnx)
+    config = load_config(req.config) if req.config is not None else \
+        next(filter(None, (config_beside(Path(d)) for d in req.onnx)), None)
     lm = load_model(req.model, device=req.device)
     if config is not None:
         config.check_matches(lm.model)
+        check_policy(config)
     prompts = bench_prompts(lm.tokenizer, req.data, req.prompt_tokens, req.num_prompts)
     quality = (bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
                if req.quality else None)
@@ -91,13 +70,15 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
 def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple[float, ...]) -> dict[str, Any]:
     import torch
 
+    from ..ort import available_providers
+
     return {
         "new_tokens": req.new_tokens, "repeats": req.repeats, "warmup_runs_dropped": req.warmup,
         "prompts": len(m.prompts), "prompt_tokens": [len(p) for p in m.prompts], "data": req.data or "builtin",
         "threads": threads, "intra_op_spinning": "on" if req.spin else "off", "torch_threads": torch.get_num_threads(),
         "device": req.device, "skip_ratios": list(req.skip_ratios), "quality": req.quality,
         "quality_tokens": req.quality_tokens * req.quality_blocks if req.quality else 0,
-        "versions": _versions(), "ort_providers": _ort_providers(), "cpu_count": os.cpu_count(),
+        "versions": _versions(), "ort_providers": available_providers(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import SkipToolError
+from .errors import SkipToolError
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -150,12 +150,21 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
     """
     import onnx
 
+    from .onnx_graph import graphs_by_if
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     sizes: dict[str, int] = {}
     uses: dict[str, list[tuple[str, int, tuple[int, str] | None]]] = {}
-    if_count = _scan_graph(model.graph, None, sizes, uses, [0])
-    heavy_light = [[0, 0] for _ in range(if_count)]
+    for graph, scope in graphs_by_if(model.graph):
+        sizes.update({init.name: tensor_nbytes(init) for init in graph.initializer})
+        for node in graph.node:
+            if node.op_type == "Constant":
+                sizes.update({node.output[0]: tensor_nbytes(a.t) for a in node.attribute if a.name == "value"})
+            for i, name in enumerate(node.input):
+                if name:
+                    uses.setdefault(name, []).append((node.op_type, i, scope))
+    if_count = sum(1 for node in model.graph.node if node.op_type == "If")
     branch_bytes: dict[tuple[int, str], int] = {}
     outside = excluded = 0
     for name, nbytes in sizes.items():
@@ -164,71 +173,34 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
             excluded += nbytes
             continue
         scopes = {scope for _, _, scope in where}
-        if len(scopes) == 1 and None not in scopes:
-            (scope,) = scopes
-            branch_bytes[scope] = branch_bytes.get(scope, 0) + nbytes
-        elif len(scopes) == 2 and None not in scopes and len({s[0] for s in scopes}) == 1:
-            for scope in scopes:  # used by both branches of one If: read whichever runs
+        if None not in scopes and (len(scopes) == 1 or (len(scopes) == 2 and len({s[0] for s in scopes}) == 1)):
+            for scope in scopes:  # inside one branch, or used by both branches of one If: read whichever runs
                 branch_bytes[scope] = branch_bytes.get(scope, 0) + nbytes  # type: ignore[index]
         else:
             outside += nbytes
-    for index in range(if_count):
-        pair = sorted((branch_bytes.get((index, "then_branch"), 0), branch_bytes.get((index, "else_branch"), 0)))
-        heavy_light[index] = [pair[1], pair[0]]
-    return GraphBytes(outside=outside, heavy=[h for h, _ in heavy_light], light=[lt for _, lt in heavy_light],
-                      excluded=excluded)
-
-
-def _scan_graph(graph: Any, scope: tuple[int, str] | None, sizes: dict[str, int],
-                uses: dict[str, list[tuple[str, int, tuple[int, str] | None]]], counter: list[int]) -> int:
-    """Collect weight sizes and their uses; `scope` is the enclosing top-level (If index, branch name)."""
-    for init in graph.initializer:
-        sizes[init.name] = tensor_nbytes(init)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t is not None:
-                    sizes[node.output[0]] = tensor_nbytes(attr.t)
-        for i, name in enumerate(node.input):
-            if name:
-                uses.setdefault(name, []).append((node.op_type, i, scope))
-        index = None
-        if node.op_type == "If" and scope is None:
-            index, counter[0] = counter[0], counter[0] + 1
-        for attr in node.attribute:
-            if attr.type == attr.GRAPH:
-                inner = (index, attr.name) if index is not None else scope
-                _scan_graph(attr.g, inner, sizes, uses, counter)
-            for sub in attr.graphs:
-                _scan_graph(sub, scope, sizes, uses, counter)
-    return counter[0]
+    pairs = [sorted((branch_bytes.get((i, "then_branch"), 0), branch_bytes.get((i, "else_branch"), 0)))
+             for i in range(if_count)]
+    return GraphBytes(outside=outside, heavy=[h for _, h in pairs], light=[lt for lt, _ in pairs], excluded=excluded)
 
 
 def onnx_precision(model: Any) -> str:
     """int4 / int8 / fp16 / fp32 from the ops and weights of an ONNX graph (subgraphs included)."""
     import onnx
 
+    from .onnx_graph import graphs_by_if, iter_nodes
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    ops: set[str] = set()
-    nbits: set[int] = set()
+    nodes = [n for n, _ in iter_nodes(model.graph)]
+    ops = {n.op_type for n in nodes}
+    nbits = {next((int(a.i) for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits"}
     float_types: dict[int, int] = {}
-
-    def scan(graph: Any) -> None:
+    for graph, _ in graphs_by_if(model.graph):
         for init in graph.initializer:
             float_types[init.data_type] = float_types.get(init.data_type, 0) + tensor_nbytes(init)
-        for node in graph.node:
-            ops.add(node.op_type)
-            for attr in node.attribute:
-                if attr.type == attr.GRAPH:
-                    scan(attr.g)
-                elif node.op_type == "MatMulNBits" and attr.name == "bits":
-                    nbits.add(int(attr.i))
-
-    scan(model.graph)
     if "MatMulNBits" in ops:
-        return "int8" if nbits == {8} else "int4"  # the bits attribute defaults to 4
+        return "int8" if nbits == {8} else "int4"
     if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul"}:
         return "int8"
-    heaviest = max(float_types, key=float_types.get) if float_types else onnx.TensorProto.FLOAT
+    heaviest = max(float_types, key=float_types.get) if float_types else onnx.TensorProto.FLOAT  # type: ignore[arg-type]
     return {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(heaviest, "fp32")
