@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from skiptool.adapters import adapter_for
-from skiptool.bench.ideal import forced_mask, fraction_of_ideal
+from skiptool.ideal import forced_mask, fraction_of_ideal
 from skiptool.config import dense_config
 from skiptool.gpu import (DecodeEngine, build_random_llama, copy_bandwidth, decode_basis, require_cuda,
                           time_decode, triton_available)
@@ -104,7 +104,7 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=8)
-    parser.add_argument("--budget-s", type=float, default=270.0, help="rows starting later are skipped")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="rows starting later are skipped")
     args = parser.parse_args(argv)
     if args.smoke:
         return Settings("cpu", "float32", ["tiny"], [1, 2], 8, 4, 1, 2, 120.0, 1 << 23), Path(args.out)
@@ -181,8 +181,10 @@ def run_row(model: torch.nn.Module | None, shape: str, variant: Variant, batch: 
         return {**row, "error": model_error}
     if time.perf_counter() > deadline:
         return {**row, "skipped": "time budget spent"}
+    begun = time.perf_counter()
     try:
-        return {**row, **run_variant(model, variant, batch, settings, copy_rate)}
+        return {**row, **run_variant(model, variant, batch, settings, copy_rate),
+                "row_s": time.perf_counter() - begun}
     except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
         traceback.print_exc(file=sys.stderr)
         return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

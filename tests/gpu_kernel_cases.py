@@ -14,10 +14,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from skiptool.gpu.kernels import FFNWeights, LowRankWeights, reference_skippable_ffn  # noqa: E402
-from skiptool.gpu.triton_ffn import launches, triton_skippable_ffn  # noqa: E402
+from skiptool.gpu.kernels import reference_skippable_ffn  # noqa: E402
+from skiptool.gpu.triton_ffn import Tiles, launches, triton_skippable_ffn  # noqa: E402
+from skiptool.gpu.weights import FFNWeights, LowRankWeights  # noqa: E402
 
-HIDDEN, INTERMEDIATE, RANK = 64, 96, 8  # 96: the last intermediate tile is partly masked
+HIDDEN, INTERMEDIATE, RANK = 64, 96, 8
+# Tiles wider than the matrices: every column and K loop ends in a masked tail.
+RAGGED = Tiles(block_m=16, block_n_gate_up=64, block_k_gate_up=128, block_n_down=128, block_k_down=64, block_r=16)
 
 
 def weights(dtype: torch.dtype, seed: int) -> tuple[FFNWeights, LowRankWeights]:
@@ -30,12 +33,13 @@ def weights(dtype: torch.dtype, seed: int) -> tuple[FFNWeights, LowRankWeights]:
             LowRankWeights(draw(RANK, HIDDEN), draw(HIDDEN, RANK), draw(HIDDEN)))
 
 
-def relative_error(decisions: torch.Tensor, rows: int, standin: bool, dtype: torch.dtype = torch.float32) -> float:
+def relative_error(decisions: torch.Tensor, rows: int, standin: bool, dtype: torch.dtype = torch.float32,
+                   tiles: Tiles | None = None) -> float:
     """‖triton − reference‖ / ‖reference‖ (reference in fp32 from the same rounded weights)."""
     ffn, low = weights(dtype, seed=rows)
     x = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(rows + 1)).to(dtype)
     sub = low if standin else None
-    got = triton_skippable_ffn(x, ffn, decisions, sub).float()
+    got = triton_skippable_ffn(x, ffn, decisions, sub, tiles).float()
     ref = reference_skippable_ffn(x.float(), FFNWeights(*(w.float() for w in ffn)), decisions,
                                   LowRankWeights(*(w.float() for w in low)) if standin else None)
     scale = ref.norm().item() or 1.0  # all-skip with zeros: an absolute error
@@ -72,6 +76,7 @@ def cases() -> dict[str, float | bool]:
         "layer_flag_skips_every_row": relative_error(torch.tensor(True), 3, standin=True),
         "integer_decisions": relative_error(torch.tensor([0, 1, 1, 0], dtype=torch.int64), 4, standin=True),
         "two_row_blocks_mixed": relative_error(mixed(70), 70, standin=True),
+        "masked_tails_mixed": relative_error(mixed(5), 5, standin=True, tiles=RAGGED),
         "fp16_mixed_standin": relative_error(mixed(6), 6, standin=True, dtype=torch.float16),
         "all_skip_leaves_ffn_intermediate_unwritten": untouched_after(ones, "h_ptr", standin=True),
         "no_skip_leaves_standin_bottleneck_unwritten": untouched_after(zeros, "t_ptr", standin=True),

@@ -17,8 +17,8 @@ from transformers import DynamicCache
 from skiptool.adapters import adapter_for
 from skiptool.errors import ConfigError, MissingDependencyError, SkipToolError
 from skiptool.gpu import DecodeEngine, build_random_llama, require_cuda
-from skiptool.gpu.kernels import (FFNWeights, LowRankWeights, gathered_skippable_ffn, kernel_backend,
-                                  reference_skippable_ffn, skippable_ffn)
+from skiptool.gpu.kernels import gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn
+from skiptool.gpu.weights import FFNWeights, LowRankWeights
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask
 from skiptool.runtime import apply_skip
 from skiptool.standins import LowRankStandIn
@@ -30,9 +30,19 @@ PROMPT, STEPS = 8, 8
 COSINE_THRESHOLDS = [0.9935, 0.9931, 0.9956, 0.9975, 0.9981, 0.9984]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, which also spares them OpenMP barriers on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _subprocess_env(**extra: str) -> dict[str, str]:
-    """This checkout first on the path, whatever is installed."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
+    """This checkout first on the path, whatever is installed; one thread, as here."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +59,7 @@ def interpreted() -> dict[str, float | bool]:
 
 @pytest.mark.parametrize("case", ["skip_all_zero", "skip_all_standin", "compute_all_zero", "compute_all_standin",
                                   "mixed_zero", "mixed_standin", "one_row_computes", "layer_flag_skips_every_row",
-                                  "integer_decisions", "two_row_blocks_mixed"])
+                                  "integer_decisions", "two_row_blocks_mixed", "masked_tails_mixed"])
 def test_triton_kernels_match_the_reference_in_fp32(interpreted, case):
     assert interpreted[case] < 1e-5
 
@@ -232,6 +242,38 @@ def test_engine_refuses_a_model_wrapped_by_the_runtime(tiny):
             DecodeEngine(tiny, adapter_for(tiny), NeverSkip(LAYERS, SKIPPABLE, 0), batch_size=1, max_len=16)
     finally:
         runtime.remove()
+
+
+class _ReplayingGraph:
+    """Stands in for a CUDA graph on the CPU: capturing computes nothing, each replay runs the captured ops on the
+    same carry (as a replay reruns the recorded kernels on the captured buffers)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def replay(self):
+        self.ops()
+
+
+@pytest.mark.parametrize("mode", ["device", "host"])
+def test_captured_decode_step_replays_like_the_eager_step(tiny, monkeypatch, mode):
+    """The capture plumbing, graphs aside: one graph per step (device) or pieces between host reads, each
+    layer's branch chosen by its flag and writing the shared delta buffer (host)."""
+    import skiptool.gpu.decoder as decoder
+
+    monkeypatch.setattr(decoder, "_captured", _ReplayingGraph)
+    policy = CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS)
+    substitutes = _random_standins(tiny.config.hidden_size)
+    ids = _token_ids(2, tiny.config.vocab_size)
+    eager, _ = _engine_run(tiny, policy, ids, mode, substitutes)
+    engine = DecodeEngine(tiny, adapter_for(tiny), policy, batch_size=2, max_len=PROMPT + STEPS, mode=mode,
+                          substitutes=substitutes)
+    engine.prefill(ids[:, :PROMPT])
+    engine._capture_graphs()
+    assert engine.graphed == ("pieces" if mode == "host" else "whole")
+    for t, (eager_logits, eager_decisions) in zip(range(PROMPT, PROMPT + STEPS), eager[1:]):
+        torch.testing.assert_close(engine.step(ids[:, t])[:, None], eager_logits)
+        assert torch.equal(engine.last_decisions, eager_decisions)
 
 
 def test_engine_stays_eager_on_a_cpu(tiny):

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from ..adapters import ArchAdapter
 from ..errors import ConfigError
 from ..policies import LayerSignals, SkipPolicy
-from .kernels import (FFNWeights, LowRankWeights, gathered_skippable_ffn, kernel_backend, reference_skippable_ffn,
-                      skippable_ffn, substitute_output)
+from .kernels import (gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn,
+                      substitute_output)
+from .weights import FFNWeights, LowRankWeights
 
 FFN_MODES = ("dense", "device", "host")
 # Beyond what ArchAdapter names: where Llama, Qwen2 and Mistral keep their RoPE module and attention projections.
@@ -172,6 +173,7 @@ class DecodeEngine:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.int64, device=self.device)
         self.position = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.decode_decisions = torch.zeros(len(layers), batch_size, 1, dtype=torch.bool, device=self.device)
+        self.all_skip = torch.zeros((), dtype=torch.bool, device=self.device)  # the latest layer's, for host reads
         self.next_tokens = self.tokens.view(-1)
         self.last_decisions = self.decode_decisions
         self.length = 0
@@ -239,11 +241,7 @@ class DecodeEngine:
             for _ in range(2):
                 self._run(self._decode_ops, self._decode_carry())
         torch.cuda.current_stream().wait_stream(side)
-        carry = self._decode_carry()
-        self._replay = self._capture_pieces(carry) if self.mode == "host" else self._capture_whole(carry)
-        self._graph_carry = carry
-        self.graphed = "pieces" if self.mode == "host" else "whole"
-        self.counters.reset()
+        self._capture_graphs()
         return True
 
     def skip_summary(self) -> dict[str, Any]:
@@ -300,7 +298,8 @@ class DecodeEngine:
         signals = LayerSignals(part.index, c.h, c.attn_delta, c.h_mid, c.x)
         c.skip = self.policy.decide(signals, c.positions, c.state, self.override)
         c.decisions[part.index].copy_(c.skip)
-        c.all_skip = c.skip.all()
+        if self.mode == "host":
+            torch.all(c.skip, out=self.all_skip)
 
     def _dense_ffn(self, part: LayerParts, c: SimpleNamespace) -> None:
         c.delta = part.mlp(c.x)
@@ -332,11 +331,10 @@ class DecodeEngine:
     def _decode_carry(self) -> SimpleNamespace:
         return SimpleNamespace(tokens=self.tokens, cache_positions=self.position, decisions=self.decode_decisions)
 
-    @staticmethod
-    def _run(ops: list[Op | HostBranch], c: SimpleNamespace) -> None:
+    def _run(self, ops: list[Op | HostBranch], c: SimpleNamespace) -> None:
         for op in ops:
             if isinstance(op, HostBranch):
-                (op.skip if bool(c.all_skip) else op.compute)(c)  # the host read: a device sync
+                (op.skip if bool(self.all_skip) else op.compute)(c)  # the host read: a device sync
             else:
                 op(c)
 
@@ -345,14 +343,21 @@ class DecodeEngine:
         self.last_decisions = c.decisions
         self.counters.count_forward(self.batch_size * seq)
 
+    def _capture_graphs(self) -> None:
+        carry = self._decode_carry()
+        self._replay = self._capture_pieces(carry) if self.mode == "host" else self._capture_whole(carry)
+        self._graph_carry = carry
+        self.graphed = "pieces" if self.mode == "host" else "whole"
+        self.counters.reset()
+
     def _capture_whole(self, c: SimpleNamespace) -> Callable[[], None]:
         graph = _captured(lambda: self._run(self._decode_ops, c))
         return graph.replay
 
     def _capture_pieces(self, c: SimpleNamespace) -> Callable[[], None]:
-        """Graphs of the ops between host reads, and of both branches of each read; tensors pass between graphs
-        at their captured addresses (each graph keeps its own memory pool), and both branches of a layer write
-        one shared `delta` buffer, which the next piece reads."""
+        """Graphs of the ops between host reads, and of both branches of each read. Tensors pass between graphs at
+        their captured addresses (each graph keeps its own memory pool); the flag read in between is the static
+        `all_skip`, and both branches of a layer write one shared `delta` buffer, which the next piece reads."""
         segments: list[list[Op]] = [[]]
         branches: list[HostBranch] = []
         for op in self._decode_ops:
@@ -366,17 +371,14 @@ class DecodeEngine:
         pieces = [_captured(partial(_run_all, segments[0], c))]
         choices = []
         for branch, segment in zip(branches, segments[1:]):
-            flag = c.all_skip
-            skip_graph, compute_graph = (_captured(partial(_run_into, fn, c, delta))
-                                         for fn in (branch.skip, branch.compute))
+            choices.append(tuple(_captured(partial(_run_into, fn, c, delta)) for fn in (branch.skip, branch.compute)))
             c.delta = delta
-            choices.append((flag, skip_graph, compute_graph))
             pieces.append(_captured(partial(_run_all, segment, c)))
 
         def replay() -> None:
             pieces[0].replay()
-            for (flag, skip_graph, compute_graph), piece in zip(choices, pieces[1:]):
-                (skip_graph if bool(flag) else compute_graph).replay()
+            for (skip_graph, compute_graph), piece in zip(choices, pieces[1:]):
+                (skip_graph if bool(self.all_skip) else compute_graph).replay()  # the host read: a device sync
                 piece.replay()
 
         return replay

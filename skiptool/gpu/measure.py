@@ -1,7 +1,7 @@
 """Measuring the GPU decode path: time per decode step, the bytes a step reads, and the device's copy bandwidth.
 
 Decode is bound by reading weights, so a step's time is compared with two ceilings: the ideal speedup from bytes
-(:class:`~skiptool.bench.ideal.IdealBasis`: dense bytes over the bytes read at the realised skip ratio, routers
+(:class:`~skiptool.ideal.IdealBasis`: dense bytes over the bytes read at the realised skip ratio, routers
 and stand-ins counted) and the bandwidth a plain device-to-device copy reaches.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..adapters import ArchAdapter
-from ..bench.ideal import IdealBasis, percentile
+from ..ideal import IdealBasis, percentile
 from ..info import decode_weight_bytes
 from .decoder import DecodeEngine
 

@@ -4,11 +4,11 @@ Imported only when used (Triton is optional). Two launches per FFN, each a fixed
 them unchanged whatever the decisions; block ``(n, m)`` owns column tile ``n`` for up to ``BLOCK_M`` rows and reads
 its rows' decisions from device memory (the vLLM fused-MoE pattern: blocks exit early on a device flag):
 
-1. :func:`_gate_up_kernel` writes ``silu(x @ gate.T) * (x @ up.T)`` for its tile into the intermediate buffer,
+1. ``gate_up`` writes ``silu(x @ gate.T) * (x @ up.T)`` for its tile into the intermediate buffer,
    reading the gate and up tiles once for all its rows. It returns at once when all its rows skip. With a
    low-rank stand-in, one more block per row block computes the stand-in's rank-r bottleneck ``t = x @ down_s.T``,
    only when some of its rows skip.
-2. :func:`_down_merge_kernel` writes ``h @ down.T`` for its tile, the skipping rows replaced by the substitute
+2. ``down_merge`` writes ``h @ down.T`` for its tile, the skipping rows replaced by the substitute
    (``t @ up_s.T + bias``, or zeros). When all its rows skip it writes the substitute and never reads the FFN.
 
 Every output element is written exactly once. A decode batch (at most 64 rows) is one row block, so "all its rows
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from .kernels import FFNWeights, LowRankWeights, flat_decisions
+from .weights import FFNWeights, LowRankWeights, flat_decisions
 
 HOPPER_MULTIPROCESSORS = 132  # H100/H200 SXM: the tile choice's guess where no device can be asked
 MAX_BLOCK_M = 64
@@ -36,121 +35,133 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 
 # ------------------------------------------------------------------------------------------------
-# Device code
+# Device code: built on first use (Triton is imported inside, as every optional package is)
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _row_block(dec_ptr, dec_stride, M, BLOCK_M: tl.constexpr):
-    """This block's rows, which exist, which skip, and how many of each."""
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    skip = (tl.load(dec_ptr + rows * dec_stride, mask=row_ok, other=0) != 0) & row_ok
-    return rows, row_ok, skip, tl.sum(skip.to(tl.int32), axis=0), tl.sum(row_ok.to(tl.int32), axis=0)
+@functools.cache
+def kernels() -> SimpleNamespace:
+    """The two kernels (``gate_up``, ``down_merge``), defined once per process (H, I and R are compile-time
+    constants: one build per model shape)."""
+    import triton
+    import triton.language as tl
 
+    @triton.jit
+    def row_block(dec_ptr, dec_stride, M, BLOCK_M: tl.constexpr):
+        """This block's rows, which exist, which skip, and how many of each."""
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        skip = (tl.load(dec_ptr + rows * dec_stride, mask=row_ok, other=0) != 0) & row_ok
+        return rows, row_ok, skip, tl.sum(skip.to(tl.int32), axis=0), tl.sum(row_ok.to(tl.int32), axis=0)
 
-@triton.jit
-def _rows_times_weight_t(a_ptr, rows, row_ok, w_ptr, cols, col_ok, K: tl.constexpr, acc, BLOCK_K: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """``acc + a[rows, :K] @ w[cols, :K].T`` for row-major ``a`` and ``w`` of K columns (w: an nn.Linear weight)."""
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-    return acc
+    @triton.jit
+    def rows_times_weight_t(a_ptr, rows, row_ok, w_ptr, cols, col_ok, K: tl.constexpr, acc,
+                            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """``acc + a[rows, :K] @ w[cols, :K].T``, both row-major with K columns (w: an nn.Linear weight)."""
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        return acc
 
+    @triton.jit
+    def gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """``(x @ gate[cols].T, x @ up[cols].T)`` in one pass over K, both weight streams in flight together."""
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w_offsets = cols[:, None] * K + ks[None, :]
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            gate = tl.dot(x, tl.trans(tl.load(wg_ptr + w_offsets, mask=w_mask, other=0.0)), gate,
+                          input_precision=PRECISION)
+            up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_offsets, mask=w_mask, other=0.0)), up,
+                        input_precision=PRECISION)
+        return gate, up
 
-@triton.jit
-def _gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``(x @ gate[cols].T, x @ up[cols].T)`` in one pass over K, both weight streams in flight together."""
-    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        w_offsets = cols[:, None] * K + ks[None, :]
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(wg_ptr + w_offsets, mask=w_mask, other=0.0)
-        wu = tl.load(wu_ptr + w_offsets, mask=w_mask, other=0.0)
-        gate = tl.dot(x, tl.trans(wg), gate, input_precision=PRECISION)
-        up = tl.dot(x, tl.trans(wu), up, input_precision=PRECISION)
-    return gate, up
-
-
-@triton.jit
-def _store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``t[rows] = x[rows] @ down_s.T`` (fp32, ``[rows, R]``): the stand-in's input to its up projection."""
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < R
-    t = _rows_times_weight_t(x_ptr, rows, row_ok, sd_ptr, ranks, rank_ok, H,
-                             tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), BLOCK_K, PRECISION)
-    tl.store(t_ptr + rows[:, None] * R + ranks[None, :], t, mask=row_ok[:, None] & rank_ok[None, :])
-
-
-@triton.jit
-def _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """The substitute for this tile (fp32): ``t @ up_s[cols].T + bias[cols]``, or zeros."""
-    sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if HAS_LOWRANK:
+    @triton.jit
+    def store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H: tl.constexpr, R: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+        """``t[rows] = x[rows] @ down_s.T`` (fp32, ``[rows, R]``): the stand-in's input to its up projection."""
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        t = tl.load(t_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        up = tl.load(su_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        bias = tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        sub = tl.dot(t.to(up.dtype), tl.trans(up), sub, input_precision=PRECISION) + bias[None, :]
-    return sub
+        t = rows_times_weight_t(x_ptr, rows, row_ok, sd_ptr, ranks, rank_ok, H,
+                                tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), BLOCK_K, PRECISION)
+        tl.store(t_ptr + rows[:, None] * R + ranks[None, :], t, mask=row_ok[:, None] & rank_ok[None, :])
 
+    @triton.jit
+    def substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R: tl.constexpr,
+                        HAS_LOWRANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        """The substitute for this tile (fp32): ``t @ up_s[cols].T + bias[cols]``, or zeros."""
+        sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_LOWRANK:
+            ranks = tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            t = tl.load(t_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                        other=0.0)
+            up = tl.load(su_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :],
+                         other=0.0)
+            bias = tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            sub = tl.dot(t.to(up.dtype), tl.trans(up), sub, input_precision=PRECISION) + bias[None, :]
+        return sub
 
-@triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, dec_ptr, sd_ptr, t_ptr, M, dec_stride, H: tl.constexpr,
-                    I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Grid ``(intermediate tiles [+1 with a stand-in], row blocks)``: h = silu(x gate^T) * (x up^T), or nothing."""
-    rows, row_ok, skip, n_skip, n_rows = _row_block(dec_ptr, dec_stride, M, BLOCK_M)
-    pid_n = tl.program_id(0)
-    if HAS_LOWRANK:
-        if pid_n == tl.cdiv(I, BLOCK_N):
-            if n_skip > 0:
-                _store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H, R, BLOCK_M, BLOCK_R, BLOCK_K,
-                                          PRECISION)
+    @triton.jit
+    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, dec_ptr, sd_ptr, t_ptr, M, dec_stride, H: tl.constexpr,
+                       I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Grid ``(intermediate tiles [+1 with a stand-in], row blocks)``: h = silu(x gate^T) * (x up^T)."""
+        rows, row_ok, skip, n_skip, n_rows = row_block(dec_ptr, dec_stride, M, BLOCK_M)
+        pid_n = tl.program_id(0)
+        if HAS_LOWRANK:
+            if pid_n == tl.cdiv(I, BLOCK_N):
+                if n_skip > 0:
+                    store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H, R, BLOCK_M, BLOCK_R, BLOCK_K,
+                                             PRECISION)
+                return
+        if n_skip == n_rows:
             return
-    if n_skip == n_rows:
-        return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < I
-    gate, up = _gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
-                              PRECISION)
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + rows[:, None] * I + cols[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < I
+        gate, up = gate_up_tiles(x_ptr, rows, row_ok, wg_ptr, wu_ptr, cols, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 PRECISION)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + rows[:, None] * I + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def down_merge_kernel(h_ptr, wd_ptr, out_ptr, dec_ptr, t_ptr, su_ptr, sb_ptr, M, dec_stride, H: tl.constexpr,
+                          I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+        """Grid ``(hidden tiles, row blocks)``: h down^T for computing rows, the substitute for skipping ones."""
+        rows, row_ok, skip, n_skip, n_rows = row_block(dec_ptr, dec_stride, M, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        out_ptrs = out_ptr + rows[:, None] * H + cols[None, :]
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        if n_skip == n_rows:
+            sub = substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M,
+                                  BLOCK_N, BLOCK_R, PRECISION)
+            tl.store(out_ptrs, sub.to(out_ptr.dtype.element_ty), mask=out_mask)
+            return
+        acc = rows_times_weight_t(h_ptr, rows, row_ok, wd_ptr, cols, col_ok, I,
+                                  tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, PRECISION)
+        if n_skip > 0:
+            sub = substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M,
+                                  BLOCK_N, BLOCK_R, PRECISION)
+            acc = tl.where(skip[:, None], sub, acc)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-@triton.jit
-def _down_merge_kernel(h_ptr, wd_ptr, out_ptr, dec_ptr, t_ptr, su_ptr, sb_ptr, M, dec_stride, H: tl.constexpr,
-                       I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Grid ``(hidden tiles, row blocks)``: out = h down^T for computing rows, the substitute for skipping ones."""
-    rows, row_ok, skip, n_skip, n_rows = _row_block(dec_ptr, dec_stride, M, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
-    out_ptrs = out_ptr + rows[:, None] * H + cols[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if n_skip == n_rows:
-        sub = _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M, BLOCK_N,
-                               BLOCK_R, PRECISION)
-        tl.store(out_ptrs, sub.to(out_ptr.dtype.element_ty), mask=out_mask)
-        return
-    acc = _rows_times_weight_t(h_ptr, rows, row_ok, wd_ptr, cols, col_ok, I,
-                               tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, PRECISION)
-    if n_skip > 0:
-        sub = _substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M, BLOCK_N,
-                               BLOCK_R, PRECISION)
-        acc = tl.where(skip[:, None], sub, acc)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    # Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) looks a kernel's names up in its module's globals
+    # only, where the compiler also reads closures: publish the helpers there too.
+    globals().update(tl=tl, row_block=row_block, rows_times_weight_t=rows_times_weight_t, gate_up_tiles=gate_up_tiles,
+                     store_lowrank_bottleneck=store_lowrank_bottleneck, substitute_tile=substitute_tile)
+    return SimpleNamespace(gate_up=gate_up_kernel, down_merge=down_merge_kernel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,17 +185,17 @@ def choose_tiles(rows: int, hidden: int, intermediate: int, rank: int, multiproc
                  itemsize: int = 2) -> Tiles:
     """Tiles for a memory-bound GEMV: about two blocks per multiprocessor (narrower column tiles until there are),
     and K tiles that keep :data:`STAGE_WEIGHT_BYTES` of each weight matrix in flight per pipeline stage."""
-    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
+    block_m = min(MAX_BLOCK_M, max(16, _next_power_of_2(rows)))
+    row_blocks = _cdiv(rows, block_m)
     n_gate_up = _column_tile(intermediate, row_blocks, multiprocessors)
     n_down = _column_tile(hidden, row_blocks, multiprocessors)
     return Tiles(block_m, n_gate_up, _k_tile(hidden, n_gate_up, itemsize), n_down,
-                 _k_tile(intermediate, n_down, itemsize), max(16, triton.next_power_of_2(max(rank, 1))))
+                 _k_tile(intermediate, n_down, itemsize), max(16, _next_power_of_2(max(rank, 1))))
 
 
 def _column_tile(columns: int, row_blocks: int, multiprocessors: int) -> int:
     for width in (64, 32):
-        if triton.cdiv(columns, width) * row_blocks >= 2 * multiprocessors:
+        if _cdiv(columns, width) * row_blocks >= 2 * multiprocessors:
             return width
     return 16
 
@@ -230,13 +241,13 @@ def launches(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankW
                   dec_stride=decision_stride, HAS_LOWRANK=substitute is not None,
                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=tiles.block_m,
                   BLOCK_R=tiles.block_r)
-    row_blocks = triton.cdiv(rows, tiles.block_m)
-    ffn_programs = triton.cdiv(intermediate, tiles.block_n_gate_up)
+    row_blocks = _cdiv(rows, tiles.block_m)
+    ffn_programs = _cdiv(intermediate, tiles.block_n_gate_up)
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    gate_up = Launch(_gate_up_kernel, (ffn_programs + int(substitute is not None), row_blocks),
-                     dict(common, x_ptr=x, wg_ptr=ffn.gate, wu_ptr=ffn.up, h_ptr=h, sd_ptr=s_down, BLOCK_N=tiles.block_n_gate_up, BLOCK_K=tiles.block_k_gate_up),
-                     options)
-    down = Launch(_down_merge_kernel, (triton.cdiv(hidden, tiles.block_n_down), row_blocks),
+    gate_up = Launch(kernels().gate_up, (ffn_programs + int(substitute is not None), row_blocks),
+                     dict(common, x_ptr=x, wg_ptr=ffn.gate, wu_ptr=ffn.up, h_ptr=h, sd_ptr=s_down,
+                          BLOCK_N=tiles.block_n_gate_up, BLOCK_K=tiles.block_k_gate_up), options)
+    down = Launch(kernels().down_merge, (_cdiv(hidden, tiles.block_n_down), row_blocks),
                   dict(common, h_ptr=h, wd_ptr=ffn.down, out_ptr=out, su_ptr=s_up, sb_ptr=s_bias,
                        BLOCK_N=tiles.block_n_down, BLOCK_K=tiles.block_k_down), options)
     return [gate_up, down], out
@@ -255,6 +266,7 @@ def triton_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
 def compile_ahead(planned: list[Launch], arch: int = 90) -> list[Any]:
     """Compile the launches for an NVIDIA target without a GPU (sm_90 = Hopper): checks that Triton accepts the
     kernels and gives their PTX (``.asm["ptx"]``) and shared memory per block (``.metadata.shared``)."""
+    import triton
     from triton.backends.compiler import GPUTarget
 
     compiled = []
@@ -268,6 +280,14 @@ def compile_ahead(planned: list[Launch], arch: int = 90) -> list[Any]:
                                            attrs=aligned)
         compiled.append(triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch.options))
     return compiled
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _divisible_by_16(value: Any) -> bool:
