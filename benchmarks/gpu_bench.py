@@ -39,9 +39,8 @@ import torch
 from skiptool.adapters import adapter_for
 from skiptool.ideal import forced_mask, fraction_of_ideal
 from skiptool.config import dense_config
-from skiptool.gpu import (DecodeEngine, build_random_llama, copy_bandwidth, decode_basis, require_cuda,
-                          time_decode, triton_available)
-from skiptool.gpu.measure import achieved_bandwidth
+from skiptool.gpu import (DecodeEngine, DecodeTiming, achieved_bandwidth, build_random_llama, copy_bandwidth,
+                          decode_basis, require_cuda, time_decode, triton_available)
 from skiptool.policies import NeverSkip, RouterPolicy, Routers, SkipPolicy
 from skiptool.standins import LowRankStandIn
 
@@ -106,11 +105,12 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
     parser.add_argument("--warmup-steps", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=240.0, help="rows starting later are skipped")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     if args.smoke:
-        return Settings("cpu", "float32", ["tiny"], [1, 2], 8, 4, 1, 2, 120.0, 1 << 23), Path(args.out)
+        return Settings("cpu", "float32", ["tiny"], [1, 2], 8, 4, 1, 2, 120.0, 1 << 23), out
     device = str(require_cuda())
     return Settings(device, args.dtype, args.shapes.split(","), [int(b) for b in args.batches.split(",")],
-                    args.prompt_len, args.steps, args.repeats, args.warmup_steps, args.budget_s, 1 << 30), Path(args.out)
+                    args.prompt_len, args.steps, args.repeats, args.warmup_steps, args.budget_s, 1 << 30), out
 
 
 def make_policy(model: torch.nn.Module, variant: Variant) -> tuple[SkipPolicy, list[int] | None]:
@@ -144,33 +144,44 @@ def random_standins(model: torch.nn.Module, layers: list[int], rank: int) -> dic
     return standins
 
 
-def run_variant(model: torch.nn.Module, variant: Variant, batch: int, settings: Settings,
-                copy_rate: float) -> dict[str, Any]:
-    """Build the engine, prefill, capture, warm up, time; the row's measurements (speedup filled in later)."""
-    adapter = adapter_for(model)
+def build_engine(model: torch.nn.Module, variant: Variant, batch: int, settings: Settings) -> DecodeEngine:
+    """The variant's decode engine, its cache sized to the prompt plus the longest decode."""
     policy, override = make_policy(model, variant)
     substitutes = (random_standins(model, policy.skippable_layers, variant.standin_rank)
                    if variant.standin_rank else None)
-    engine = DecodeEngine(model, adapter, policy, batch_size=batch, mode=variant.mode, substitutes=substitutes,
-                          override=override,
-                          max_len=settings.prompt_len + max(settings.steps, settings.warmup_steps) + 1)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, settings.prompt_len),
-                           generator=torch.Generator().manual_seed(batch))
-    engine.prefill(prompt)
+    return DecodeEngine(model, adapter_for(model), policy, batch_size=batch, mode=variant.mode,
+                        substitutes=substitutes, override=override,
+                        max_len=settings.prompt_len + max(settings.steps, settings.warmup_steps) + 1)
+
+
+def run_variant(model: torch.nn.Module, variant: Variant, batch: int, settings: Settings,
+                copy_rate: float) -> dict[str, Any]:
+    """Prefill, capture, warm up (counters reset after), time; the row's measurements (speedups come later)."""
+    engine = build_engine(model, variant, batch, settings)
+    engine.prefill(torch.randint(0, model.config.vocab_size, (batch, settings.prompt_len),
+                                 generator=torch.Generator().manual_seed(batch)))
     if variant.graph:
         engine.capture()
     time_decode(engine, settings.prompt_len, settings.warmup_steps, 1)
     engine.reset_counters()
     timing = time_decode(engine, settings.prompt_len, settings.steps, settings.repeats)
+    return measurements(model, engine, timing, copy_rate)
+
+
+def measurements(model: torch.nn.Module, engine: DecodeEngine, timing: DecodeTiming,
+                 copy_rate: float) -> dict[str, Any]:
+    """Speed, realised skip ratios (read from the device once), and the bytes behind the ideal and the bandwidth;
+    bytes are counted at the ratio of FFN calls avoided (a call is avoided only when every row skips)."""
     counts = engine.skip_summary()
-    basis = decode_basis(model, adapter, engine)
+    basis = decode_basis(model, adapter_for(model), engine)
     read = basis.bytes_at(counts["call_skip_ratio"])
     bandwidth = achieved_bandwidth(read, timing)
     return {"graphed": engine.graphed or "eager", "kernels": engine.kernel_backend,
             "tokens_per_s": timing.tokens_per_s, "p50_step_ms": timing.p50_ms,
             "skip_ratio": counts["skip_ratio"], "call_skip_ratio": counts["call_skip_ratio"],
             "ideal_speedup": basis.speedup(counts["call_skip_ratio"]), "bytes_per_step": read,
-            "achieved_gb_per_s": bandwidth / 1e9, "share_of_copy_bandwidth": bandwidth / copy_rate}
+            "achieved_gb_per_s": bandwidth / 1e9, "share_of_copy_bandwidth": bandwidth / copy_rate,
+            "per_layer_skip": counts["per_layer"], "basis": basis.to_dict()}
 
 
 def run_row(model: torch.nn.Module | None, shape: str, variant: Variant, batch: int, settings: Settings,
