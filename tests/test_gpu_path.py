@@ -144,11 +144,12 @@ POLICIES = {
     "static": lambda hidden: StaticMask(LAYERS, SKIPPABLE, 3, skip_layers=[2, 4]),
     "cosine": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
     "router": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
+    "forced": lambda hidden: NeverSkip(LAYERS, SKIPPABLE, 2),
     "cosine+override": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
     "cosine+standin": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
     "router+standin": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
 }
-OVERRIDES = {"cosine+override": [0, 1, -1, 0, 1, 0]}
+OVERRIDES = {"forced": [1, 1, -1, 0, 1, -1], "cosine+override": [0, 1, -1, 0, 1, 0]}  # layers 0, 5: cold
 
 
 def _token_ids(batch: int, vocab: int) -> torch.Tensor:
