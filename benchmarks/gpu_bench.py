@@ -9,9 +9,10 @@ tokens/s, median ms per step, speedup over dense, the realised skip ratios (toke
 speedup at that ratio and the fraction reached, the bytes read per step, the bandwidth achieved and its share of
 a measured device copy.
 
-On the H200 (under 5 minutes; rows past ``--budget-s`` are skipped, an erroring row is recorded and the rest run)::
+On the H200 (under 5 minutes; rows past ``--budget-s`` are skipped, an erroring row is recorded and the rest run;
+offline, so no build isolation, or no install at all with ``PYTHONPATH=.``)::
 
-    pip install --no-deps -e . && python benchmarks/gpu_bench.py --out gpu_bench.json
+    pip install --no-deps --no-build-isolation -e . && python benchmarks/gpu_bench.py --out gpu_bench.json
 
 On any CPU, in seconds, with the tiny shape (what the tests run)::
 
