@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
 from ..errors import ConfigError
+from ..standins import LowRankStandIn
 
 SWIGLU_ACTIVATIONS = ("silu", "swish")
 
@@ -32,10 +33,6 @@ class FFNWeights(NamedTuple):
                               f"{activation!r}{' with biases' if has_bias else ''}")
         return cls(*(lin.weight for lin in linears))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self)
-
 
 class LowRankWeights(NamedTuple):
     """A rank-r stand-in ``x -> up @ (down @ x) + bias``: down ``[r, hidden]``, up ``[hidden, r]``, bias
@@ -49,8 +46,6 @@ class LowRankWeights(NamedTuple):
     def of(cls, substitute: nn.Module | None, dtype: torch.dtype, device: torch.device) -> "LowRankWeights | None":
         """The kernels' form of a layer's substitute: ``None`` (zeros) stays None, a low-rank stand-in gives its
         weights in `dtype` on `device`."""
-        from ..standins import LowRankStandIn
-
         if substitute is None:
             return None
         if not isinstance(substitute, LowRankStandIn):
