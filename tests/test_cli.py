@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from skiptool.cli import app
@@ -20,10 +21,7 @@ def _commands() -> list[str]:
 
 
 def _assert_one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert fragment in result.output
-    assert "Traceback" not in result.output
-    assert result.output.strip().startswith("error:")
+    one_line_error(result, fragment)
 
 
 def test_every_command_has_help():

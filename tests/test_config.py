@@ -34,9 +34,9 @@ def test_skippable_layers_exclude_the_cold_regions():
     (lambda d: d.update(schema_version=99), "schema_version"),
     (lambda d: d.update(bogus=1), "unknown skip config keys"),
     (lambda d: d.pop("model"), "'model'"),
-    (lambda d: d["policy"].update(kind="magic"), "unknown policy kind"),
-    (lambda d: d["policy"]["params"].update(thresholds=[0.5]), "6 thresholds"),
-    (lambda d: d["policy"]["params"].update(greedy_k=0), "greedy_k"),
+    (lambda d: d["policy"].update(kind=""), "policy.kind"),
+    (lambda d: d["policy"].update(params=[1]), "policy.params"),
+    (lambda d: d.update(metadata=[1, 2]), "metadata must be an object"),
     (lambda d: d.update(cold_start=3, cold_end=3), "no skippable layer"),
     (lambda d: d.update(warmup=-1), "warmup"),
     (lambda d: d.update(target_skip=1.5), "target_skip"),
@@ -49,11 +49,6 @@ def test_malformed_configs_are_refused_with_a_clear_message(tmp_path, mutate, me
     (tmp_path / "skip_config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "skip_config.json")
-
-
-def test_router_policy_requires_weights_path():
-    with pytest.raises(ConfigError, match="router"):
-        SkipConfig(IDENTITY, PolicySpec("router", {"threshold": 0.5}))
 
 
 def test_invalid_json_and_missing_file_are_config_errors(tmp_path):

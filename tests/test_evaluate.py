@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import one_line_error
 import torch
 from typer.testing import CliRunner
 
@@ -35,10 +36,7 @@ def text(tmp_path_factory):
 
 
 def _one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert fragment in result.output, result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    one_line_error(result, fragment)
 
 
 def test_token_nll_matches_the_models_own_loss(tiny_model):
@@ -202,3 +200,44 @@ def test_demo_model_calibrates_on_one_part_and_evaluates_on_the_other(demo, tmp_
     assert 5 < result.ppl_dense < 200
     assert result.ppl_skip > result.ppl_dense
     assert 0.05 < result.skip_ratio < 0.3
+
+
+def test_cli_eval_refuses_the_calibration_text_unless_asked(tiny_model_dir, text, calibrated):
+    args = ["eval", str(tiny_model_dir), "--config", str(calibrated), "--data", str(text), "--samples", "2",
+            "--seq-len", "40", "--json"]
+    _one_line_error(runner.invoke(app, args), "overlaps the text the config was calibrated on (part 0:0.5")
+    assert "--part 0.5:1" in runner.invoke(app, [*args, "--part", "0.25:0.75"]).output
+    result = runner.invoke(app, [*args, "--allow-overlap"])
+    assert result.exit_code == 0, result.output
+
+
+def _edited_config(calibrated, tmp_path, edit) -> Path:
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(calibrated, folder)
+    data = json.loads((folder / "skip_config.json").read_text())
+    edit(data)
+    (folder / "skip_config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("edit, extra, message", [
+    (lambda d: None, ["--samples", "-1"], "Invalid value for '--samples'"),
+    (lambda d: None, ["--seq-len", "1"], "Invalid value for '--seq-len'"),
+    (lambda d: d.update(metadata=["a", "list"]), ["--sweep"], "metadata must be an object"),
+    (lambda d: d["metadata"]["calibration_data"].update(part="x"), [], "calibration_data.part must be"),
+    (lambda d: d["metadata"]["calibration_data"].update(samples=0), ["--sweep"], "samples must be a positive"),
+    (lambda d: None, ["--router-threshold", "1.0"], "cosine policy has no parameter 'threshold'"),
+    (lambda d: d["policy"]["params"].update(greedy_k="two"), [], "greedy_k must be a positive integer"),
+    (lambda d: None, ["--sweep", "--targets", "2"], "targets must be skip ratios"),
+    (lambda d: None, ["--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_cli_eval_bad_inputs_are_one_line_errors_and_write_nothing(tiny_model_dir, text, calibrated, tmp_path, edit,
+                                                                   extra, message):
+    config = _edited_config(calibrated, tmp_path, edit)
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--config", str(config), "--data", str(text),
+                                 "--part", "0.5:1", "--samples", "2", "--seq-len", "40", "-o", str(tmp_path / "out"),
+                                 *extra])
+    _one_line_error(result, message)
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import save_tiny_model_dir
+from conftest import one_line_error, save_tiny_model_dir
 from typer.testing import CliRunner
 
 from skiptool.cli import app
@@ -67,18 +67,20 @@ def tiny_config(base: Path, kind: str) -> Path:
         cfg = cfg.evolve(standin=ArtifactRef("standin.safetensors", rank=4), base_dir=None)
     elif kind == "random":
         cfg = cfg.with_policy("random", rate=0.5)
+    elif kind == "forced":
+        return None  # no config: the dense config with the default cold layers (only skip_mask skips)
     return cfg.save(folder)
 
 
-def tiny_export(base: Path, kind: str, **options) -> Path:
+def tiny_export(base: Path, kind: str, fmt: str = "onnx", **options) -> Path:
     """Export the tiny model with policy `kind` (``dense``: no If) once per session; the export folder."""
-    from skiptool.exporters.onnx import export
+    from skiptool.exporters import ExportRequest, run_export
 
-    tag = "-".join([kind, *(f"{k}{v}" for k, v in sorted(options.items()))])
+    tag = "-".join([kind, fmt, *(f"{k}{v}" for k, v in sorted(options.items()))])
     out = base / f"export-{tag}"
     if not (out / "skiptool_export.json").is_file():
         config = None if kind == "dense" else tiny_config(base, kind)
-        export(str(tiny_model_dir(base)), out, config, dense=kind == "dense", **options)
+        run_export(fmt, ExportRequest(str(tiny_model_dir(base)), out, config, dense=kind == "dense", **options))
     return out
 
 
@@ -88,8 +90,10 @@ def export_cache(tmp_path_factory) -> Path:
     return Path(cached) if cached else tmp_path_factory.getbasetemp() / "skiptool-exports"
 
 
-def report_of(folder: Path) -> dict:
-    return json.loads((folder / "skiptool_export.json").read_text())["report"]
+def manifest_of(folder: Path):
+    from skiptool.contract import read_manifest
+
+    return read_manifest(folder)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +129,7 @@ def test_one_if_per_skippable_layer_with_only_the_ffn_inside(base):
         branches = {a.name: a.g for a in node.attribute}
         assert sum(n.op_type == "MatMul" for n in branches["else_branch"].node) == 3  # gate, up, down
         assert not any(n.op_type == "MatMul" for n in branches["then_branch"].node)
-    assert report_of(tiny_export(base, "static"))["if_count"] == len(SKIPPABLE)
+    assert manifest_of(tiny_export(base, "static")).if_count == len(SKIPPABLE)
 
 
 def test_io_names_follow_optimum_and_skip_mask_is_optional(base):
@@ -144,25 +148,26 @@ def test_io_names_follow_optimum_and_skip_mask_is_optional(base):
 
 @pytest.mark.parametrize("kind", ["static", "cosine", "router", "router+standin"])
 def test_ort_matches_the_pytorch_skip_runtime_for_each_policy(base, kind):
-    parity = report_of(tiny_export(base, kind))["parity"]["graph"]
+    parity = manifest_of(tiny_export(base, kind)).checks["fp32"]
     assert parity["steps"] >= 32 and parity["prompt_tokens"] > WARMUP
     assert parity["max_abs_logits"] <= 1e-4 and parity["max_abs_present"] <= 1e-4
-    assert parity["decisions_match"]
+    assert parity["decisions_match"] and parity["verdict"]["ok"]
     assert parity["skip_ratio_ort"] > 0, "the check is only meaningful if something was skipped"
 
 
 @pytest.mark.parametrize("mask", [[0, 1, -1, 0], [0, -1, 1, 0], [1, 1, 1, 1]])
 def test_forced_masks_through_skip_mask_match_the_runtime_override(base, tiny, mask):
-    from skiptool.exporters.validate import check_parity
-    from skiptool.runtime import runtime_from_config
+    from skiptool.exporters.validate import check_parity, parity_prompt, tolerance_for
+    from skiptool.runtime import open_runtime
 
     out = tiny_export(base, "cosine")
-    runtime = runtime_from_config(tiny.model, tiny.adapter, load_config(out))
+    runtime = open_runtime(tiny.model, tiny.adapter, load_config(out))
+    prompt = parity_prompt(tiny.tokenizer, WARMUP, 128)
     try:
-        report = check_parity(out, tiny.model, runtime, steps=32, skip_mask=mask)
+        report = check_parity(out / "model.onnx", manifest_of(out), tiny.model, runtime, prompt, 32, skip_mask=mask)
     finally:
         runtime.remove()
-    assert report.ok(1e-4), report
+    assert report.problems(tolerance_for("onnx", "fp32")) == [], report
 
 
 def test_all_compute_skip_mask_gives_the_dense_model(base, tiny):
@@ -185,7 +190,7 @@ def test_dense_export_has_no_if_and_matches_the_model(base, tiny):
     assert backend.mode == "dense" and load_config(out).policy.kind == "none"
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(6))
     np.testing.assert_allclose(backend.block_logits(ids.numpy()), tiny.model(ids).logits.numpy(), atol=1e-4, rtol=0)
-    assert report_of(out)["parity"]["graph"]["max_abs_logits"] <= 1e-4
+    assert manifest_of(out).checks["fp32"]["max_abs_logits"] <= 1e-4
 
 
 def test_router_weights_are_copied_beside_the_exported_config(base):
@@ -195,11 +200,11 @@ def test_router_weights_are_copied_beside_the_exported_config(base):
 
 
 def test_random_policy_is_refused(base, tmp_path):
-    from skiptool.exporters.onnx import export
+    from skiptool.exporters import ExportRequest, run_export
 
     with pytest.raises(ConfigError, match="random"):
-        export(str(tiny_model_dir(base)), tmp_path / "out", tiny_config(base, "random"))
-    assert not any((tmp_path / "out").rglob("*.onnx"))
+        run_export("onnx", ExportRequest(str(tiny_model_dir(base)), tmp_path / "out", tiny_config(base, "random")))
+    assert not (tmp_path / "out").exists()
 
 
 # -- quantization and precision ------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def test_quantization_reaches_the_weights_inside_if_branches(base, tmp_path, sch
     import shutil
 
     from skiptool.backends.onnxruntime import OrtBackend
-    from skiptool.exporters.onnx import count_ops
+    from skiptool.onnx_graph import count_ops
     from skiptool.exporters.quantize import quantize_graph
 
     src = tiny_export(base, "static")
@@ -225,7 +230,7 @@ def test_quantization_reaches_the_weights_inside_if_branches(base, tmp_path, sch
 
 @pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int4", 4)])
 def test_quantized_branch_weights_have_the_schemes_bit_width(base, tmp_path, scheme, bits):
-    from skiptool.exporters.onnx import iter_nodes
+    from skiptool.onnx_graph import iter_nodes
     from skiptool.exporters.quantize import check_quantized, quantize_graph
 
     quantize_graph(tiny_export(base, "static") / "model.onnx", tmp_path / "model.onnx", scheme)
@@ -260,11 +265,11 @@ def test_fp16_export_loads_and_runs_close_to_fp32(base):
 
     out = tiny_export(base, "static", dtype="fp16")
     backend = OrtBackend(out)
-    assert backend.precision == "fp16" and backend.kv_dtype == np.float16
+    assert backend.precision == "fp16" and backend.graph.kv_dtype == np.float16
     ids = np.arange(1, 11)[None]
     reference = OrtBackend(tiny_export(base, "static")).block_logits(ids)
     assert np.abs(backend.block_logits(ids) - reference).max() < 5e-2
-    assert report_of(out)["parity"]["graph"]["decisions_match"]
+    assert manifest_of(out).checks["fp16"]["decisions_match"]
 
 
 # -- TensorRT graph requirements (no TensorRT needed) --------------------------------------------------
@@ -300,9 +305,7 @@ def test_tensorrt_checks_flag_contrib_ops_float_conditions_and_rank_mismatch():
 
 # -- the command line ----------------------------------------------------------------------------------
 def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    return result.output.strip()
+    return one_line_error(result)
 
 
 def test_cli_int4_export_prints_if_count_and_parity_then_generate_runs_it(base, tmp_path):
@@ -311,18 +314,22 @@ def test_cli_int4_export_prints_if_count_and_parity_then_generate_runs_it(base, 
                                  "-o", str(out), "--parity-steps", "4", "--quantize", "int4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["if_count"] == len(SKIPPABLE) and report["parity"]["graph"]["ok_fp32_tolerance"]
-    assert report["quantized_ops_in_branches"] == 3 * len(SKIPPABLE)
-    assert report["parity"]["quantized"]["decisions_match"] and report["parity"]["quantized"]["max_abs_logits"] < 0.5
+    manifest, checks = report["manifest"], report["manifest"]["checks"]
+    assert manifest["if_count"] == len(SKIPPABLE) and manifest["precision"] == "int4"
+    assert checks["fp32"]["verdict"]["ok"] and checks["fp32"]["max_abs_logits"] <= 1e-4
+    assert report["details"]["quantized_ops_in_branches"] == 3 * len(SKIPPABLE)
+    assert checks["int4"]["verdict"]["ok"] and checks["int4"]["max_abs_logits"] < 0.5
     assert json.loads((out / "skiptool_export.json").read_text())["precision"] == "int4"
     gen = runner.invoke(app, ["generate", "--onnx", str(out), "--prompt", "w1 w2 w3 w4 w5 w6", "--raw", "-n", "8"])
     assert gen.exit_code == 0, gen.output
-    assert "tokens/s decode (ONNX Runtime)" in gen.output and "FFN skip ratio" in gen.output
+    assert "tokens/s decode (onnxruntime)" in gen.output and "FFN skip ratio" in gen.output
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--format", "coreml"], "unknown format"),
-    (["--quantize", "int3"], "unknown quantize"),
+    (["--format", "coreml"], "unknown export format 'coreml' (known: onnx, ort, tensorrt)"),
+    (["--quantize", "int3"], "--quantize must be one of none, int8, int4"),
+    (["--dtype", "fp16", "--quantize", "int4"], "use it with --dtype fp32"),
+    (["--parity-steps", "0"], "Invalid value for '--parity-steps'"),
     (["--format", "tensorrt"], "TensorRT"),
 ])
 def test_cli_export_bad_options_are_one_line_errors_and_write_nothing(base, tmp_path, args, message):
@@ -330,7 +337,7 @@ def test_cli_export_bad_options_are_one_line_errors_and_write_nothing(base, tmp_
     result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(tiny_config(base, "static")),
                                  "-o", str(out), *args])
     assert message in _one_line_error(result)
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_cli_export_to_an_unwritable_directory_is_one_line_error(base, tmp_path):
@@ -349,12 +356,46 @@ def test_cli_export_with_a_config_for_another_model_is_one_line_error(base, tmp_
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "--config", str(path), "-o", str(out)])
     assert "does not match" in _one_line_error(result)
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
-def test_cli_export_needs_a_config_or_dense(base, tmp_path):
-    result = runner.invoke(app, ["export", str(tiny_model_dir(base)), "-o", str(tmp_path / "out")])
-    assert "--dense" in _one_line_error(result)
+def test_without_a_config_the_graph_skips_only_what_skip_mask_forces(base):
+    from skiptool.backends.onnxruntime import OrtBackend
+
+    out = tiny_export(base, "forced")
+    assert manifest_of(out).policy == "none" and manifest_of(out).if_count == len(SKIPPABLE)
+    warmup, ids = load_config(out).warmup, np.arange(1, 41)[None]
+    backend = OrtBackend(out)
+    backend.block_logits(ids)
+    assert backend.skip_ratio() == 0.0
+    backend.set_skip_mask([0, 1, 1, 0])
+    backend.reset()
+    backend.block_logits(ids)
+    assert backend.skip_ratio() == pytest.approx(2 / LAYERS * (40 - warmup) / 40)
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_refused_and_leaves_no_folder(base, tmp_path, monkeypatch):
+    from onnx import numpy_helper
+
+    from skiptool.exporters import ExportRequest, run_export
+    from skiptool.exporters import onnx as onnx_target
+
+    real = onnx_target.fold_weight_transposes
+
+    def fold_and_corrupt(model):  # scale one FFN weight inside an If branch: the graph no longer matches
+        folded = real(model)
+        branch = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute
+                      if a.name == "else_branch")
+        weight = next(t for t in model.graph.initializer if t.name in {i for n in branch.node for i in n.input}
+                      and len(t.dims) == 2)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+        return folded
+
+    monkeypatch.setattr(onnx_target, "fold_weight_transposes", fold_and_corrupt)
+    out = tmp_path / "out"
+    with pytest.raises(SkipToolError, match="does not match the PyTorch skip runtime: logits differ by up to"):
+        run_export("onnx", ExportRequest(str(tiny_model_dir(base)), out, tiny_config(base, "static")))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_a_tied_lm_head_is_not_transposed_at_every_run():

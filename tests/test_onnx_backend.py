@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from test_export import LAYERS, WARMUP, export_cache, tiny_export
 
-from skiptool.backends.base import greedy_decode
-from skiptool.backends.onnxruntime import OrtBackend, session_options
+from skiptool.backends.onnxruntime import OrtBackend
+from skiptool.generate import decode
+from skiptool.ort import session_options
 from skiptool.errors import SkipToolError
 
 PROMPT = list(range(3, 3 + WARMUP + 4))  # past the warm-up
@@ -58,7 +59,7 @@ def test_reset_starts_a_new_sequence(base):
 
 def test_greedy_decode_timing_loop_runs_the_backend(base):
     backend = OrtBackend(tiny_export(base, "static"), threads=1, spin=False)
-    timing = greedy_decode(backend, PROMPT, new_tokens=6)
+    timing = decode(backend, PROMPT, 6)
     assert len(timing.token_ids) == 6 and len(timing.step_s) == 5
     assert timing.skip_ratio == pytest.approx(1 / LAYERS)
     assert backend.name == "onnxruntime" and backend.precision == "fp32" and backend.mode == "skip"
@@ -76,7 +77,7 @@ def test_a_skip_mask_of_the_wrong_length_is_refused(base):
 
 
 def test_a_folder_that_is_not_an_export_is_a_clear_error(tmp_path):
-    with pytest.raises(SkipToolError, match="not a skiptool ONNX export"):
+    with pytest.raises(SkipToolError, match="is not a skiptool export"):
         OrtBackend(tmp_path)
 
 
@@ -110,7 +111,7 @@ class _RecordingBinding:
 
 def test_presents_are_bound_as_the_next_past_without_a_copy_and_skip_mask_on_the_host(base):
     backend = OrtBackend(tiny_export(base, "static"), skip_mask=[0, 1, 1, 0])
-    recorder = backend._binding = _RecordingBinding(backend._binding)
+    recorder = backend.graph._binding = _RecordingBinding(backend.graph._binding)
     backend.prefill(PROMPT)
     backend.step(5)
     (_, first_outputs), (second_inputs, _) = recorder.runs
@@ -126,14 +127,14 @@ def test_presents_are_bound_as_the_next_past_without_a_copy_and_skip_mask_on_the
 
 def test_without_a_skip_mask_the_files_default_of_zeros_is_bound(base):
     backend = OrtBackend(tiny_export(base, "static"))
-    recorder = backend._binding = _RecordingBinding(backend._binding)
+    recorder = backend.graph._binding = _RecordingBinding(backend.graph._binding)
     backend.prefill(PROMPT)
     assert recorder.inputs["skip_mask"][1].tolist() == [0] * LAYERS
 
 
 def test_the_cuda_plan_binds_the_kv_cache_on_the_device_and_the_rest_on_the_host():
-    from skiptool.backends.onnxruntime import plan_placement
-    from skiptool.exporters.io_names import GraphIO
+    from skiptool.contract import GraphIO
+    from skiptool.ort import plan_placement
 
     io = GraphIO(LAYERS)
     plan = plan_placement(available=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
@@ -164,7 +165,7 @@ def test_a_cuda_request_on_a_cpu_only_build_falls_back_to_host_placement(base, m
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.warns(UserWarning):
         backend = OrtBackend(tiny_export(base, "static"))
-    assert backend.placement.providers == ("CPUExecutionProvider",) and backend.device == "cpu"
+    assert backend.placement.providers == ("CPUExecutionProvider",) and backend.placement.kv_device == "cpu"
     assert np.isfinite(backend.prefill(PROMPT)).all()
 
 
@@ -174,13 +175,13 @@ def test_cuda_execution_provider_keeps_the_cache_on_the_gpu_and_matches_the_cpu(
     out = tiny_export(base, "static")
     gpu, cpu = OrtBackend(out, skip_mask=[0, 1, -1, 0]), OrtBackend(out, providers=["CPUExecutionProvider"],
                                                                     skip_mask=[0, 1, -1, 0])
-    assert gpu.device == "cuda" and gpu.placement.providers[0] == "CUDAExecutionProvider"
+    assert gpu.placement.kv_device == "cuda" and gpu.placement.providers[0] == "CUDAExecutionProvider"
     np.testing.assert_allclose(gpu.prefill(PROMPT), cpu.prefill(PROMPT), atol=1e-4)
     for token in range(8):
         np.testing.assert_allclose(gpu.step(token), cpu.step(token), atol=1e-4)
         np.testing.assert_array_equal(gpu.last_decisions, cpu.last_decisions)
     assert gpu._past[0].device_name().lower() == "cuda"
-    assert gpu.skip_ratio() == pytest.approx(cpu.skip_ratio()) and gpu.per_layer_skip_ratio()[1] == 1.0
+    assert gpu.skip_ratio() == pytest.approx(cpu.skip_ratio()) and gpu.per_layer_skip()[1] == 1.0
 
 
 def test_a_graph_with_external_weights_loads_through_the_bindable_copy(base, tmp_path):
@@ -203,24 +204,23 @@ def test_a_graph_with_external_weights_loads_through_the_bindable_copy(base, tmp
 def demo_export(demo, tmp_path_factory) -> Path:
     """The demo model exported once per session with a static mask skipping one of its 30 FFNs (layer 8: the answer survives it)."""
     from skiptool.config import dense_config
-    from skiptool.exporters.onnx import export
+    from skiptool.exporters import ExportRequest, run_export
 
     base = export_cache(tmp_path_factory) / "demo-export"
     out = base / "out"
     if not (out / "skiptool_export.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         config = dense_config(demo.model, "smollm2-135m").with_policy("static", skip_layers=[8]).save(base)
-        export("smollm2-135m", out, config, parity_steps=32)
+        run_export("onnx", ExportRequest("smollm2-135m", out, config, parity_steps=32))
     return out
 
 
 @pytest.mark.integration
 def test_demo_export_matches_pytorch_and_answers_paris(demo, demo_export):
-    import json
+    from skiptool.contract import read_manifest
+    from skiptool.generate import generate_from_export
 
-    from skiptool.backends.onnxruntime import generate_from_export
-
-    parity = json.loads((demo_export / "skiptool_export.json").read_text())["report"]["parity"]["graph"]
+    parity = read_manifest(demo_export).checks["fp32"]
     assert parity["max_abs_logits"] <= 1e-4 and parity["steps"] >= 32 and parity["decisions_match"] and parity["skip_ratio_ort"] > 0
     result = generate_from_export(demo_export, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in result.text
@@ -265,7 +265,7 @@ def test_onnxruntime_genai_loads_the_export_and_generates_the_same_tokens(base):
     while not generator.is_done():
         generator.generate_next_token()
     genai_tokens = list(generator.get_sequence(0))[len(PROMPT):]
-    ours = greedy_decode(OrtBackend(out), PROMPT, new_tokens=10)
+    ours = decode(OrtBackend(out), PROMPT, 10)
     assert genai_tokens == ours.token_ids and ours.skip_ratio > 0
 
 
@@ -278,8 +278,8 @@ def test_demo_int8_export_keeps_fp32_quality_and_answers_paris(demo, demo_export
     import torch
     from transformers import AutoTokenizer
 
-    from skiptool.backends.onnxruntime import generate_from_export
     from skiptool.data import DataSpec, token_blocks
+    from skiptool.generate import generate_from_export
     from skiptool.evaluate import perplexity, token_nll
     from skiptool.exporters.quantize import PERPLEXITY_RATIO_BOUND, quantize_graph
 

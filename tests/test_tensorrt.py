@@ -20,14 +20,15 @@ import numpy as np
 import onnx
 import pytest
 from test_export import LAYERS, base, tiny_export, tiny_model_dir  # noqa: F401 - `base` is a fixture
+from conftest import one_line_error
 from typer.testing import CliRunner
 
-from skiptool.backends.onnxruntime import OrtBackend, read_export_info
-from skiptool.backends.tensorrt_backend import (TrtBackend, engine_io, rotate, step_feeds, step_input_shapes,
-                                                tensorrt_unavailable)
+from skiptool.accelerators import tensorrt_unavailable
+from skiptool.backends.onnxruntime import OrtBackend
+from skiptool.backends.tensorrt_backend import TrtBackend, engine_io, rotate, step_feeds, step_input_shapes
 from skiptool.cli import app
+from skiptool.contract import GraphIO, read_manifest
 from skiptool.errors import SkipToolError
-from skiptool.exporters.io_names import GraphIO
 from skiptool.exporters.tensorrt import graph_problems, profile_shapes, tensorrt_graph
 
 runner = CliRunner()
@@ -194,8 +195,8 @@ def _write(address: int, array: np.ndarray) -> None:
 
 
 def _fake_backend(base: Path, max_length: int = 64, **kwargs) -> TrtBackend:
-    info = read_export_info(tiny_export(base, "static"))
-    return TrtBackend(OrtEngine(_trt_onnx(base), max_length), info, device="cpu", **kwargs)
+    manifest = read_manifest(tiny_export(base, "static"))
+    return TrtBackend(OrtEngine(_trt_onnx(base), max_length), manifest, device="cpu", **kwargs)
 
 
 def assert_decodes_alike(backend, reference, steps: int, atol: float) -> None:
@@ -217,7 +218,7 @@ def test_trt_backend_matches_onnxruntime_with_a_fake_engine_backed_by_onnxruntim
         ort_ref.reset()
         assert_decodes_alike(trt_like, ort_ref, steps=8, atol=1e-6)
         assert trt_like.skip_ratio() == pytest.approx(ort_ref.skip_ratio())
-        assert trt_like.per_layer_skip_ratio() == pytest.approx(ort_ref.per_layer_skip_ratio())
+        assert trt_like.per_layer_skip() == pytest.approx(ort_ref.per_layer_skip())
         np.testing.assert_allclose(trt_like.present(1)[0], ort_ref.present(1)[0], atol=1e-6)
     assert trt_like.skip_ratio() == 0.0  # forced compute everywhere
 
@@ -249,7 +250,7 @@ def test_trt_backend_refuses_sequences_beyond_the_engine_profile_with_a_fake_eng
 def test_trt_backend_refuses_a_skip_mask_when_the_engine_has_no_override_input(base):
     engine = OrtEngine(_trt_onnx(base))
     engine.names.remove("skip_mask")  # as an engine built from a graph whose skip_mask was a constant
-    backend = TrtBackend(engine, read_export_info(tiny_export(base, "static")), device="cpu")
+    backend = TrtBackend(engine, read_manifest(tiny_export(base, "static")), device="cpu")
     with pytest.raises(SkipToolError, match="no skip_mask input"):
         backend.set_skip_mask([1] * LAYERS)
     with pytest.raises(SkipToolError, match="4 entries"):
@@ -261,21 +262,23 @@ needs_no_tensorrt = pytest.mark.skipif(tensorrt_unavailable() is None, reason="T
 
 
 def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    return result.output.strip()
+    return one_line_error(result)
 
 
 @needs_no_tensorrt
 def test_cli_generate_engine_without_tensorrt_is_one_line_error(base, tmp_path):
+    import shutil
+
+    from skiptool.contract import write_manifest
+
     folder = tmp_path / "trt-export"
-    folder.mkdir()
+    shutil.copytree(tiny_export(base, "static"), folder)
+    write_manifest(folder, read_manifest(folder).replace(target="tensorrt", runtimes=("onnxruntime", "tensorrt")))
     (folder / "model.engine").write_bytes(b"not an engine")
-    result = runner.invoke(app, ["generate", "--engine", str(folder), "--prompt", "w1 w2", "--raw"])
-    message = _one_line_error(result)
-    assert "TensorRT" in message and len(message.splitlines()) == 1
+    message = _one_line_error(runner.invoke(app, ["generate", "--engine", str(folder), "--prompt", "w1 w2", "--raw"]))
+    assert "tensorrt cannot run" in message and "TensorRT is not installed" in message
     result = runner.invoke(app, ["generate", "--engine", str(tmp_path / "nowhere"), "--prompt", "w1"])
-    assert "no TensorRT engine" in _one_line_error(result)
+    assert "is not a skiptool export" in _one_line_error(result)
 
 
 @needs_no_tensorrt
@@ -294,14 +297,14 @@ def test_tensorrt_engine_generates_like_onnxruntime(base, tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from skiptool.exporters.onnx import export
-
     from test_export import tiny_config
 
+    from skiptool.exporters import ExportRequest, run_export
+
     out = tmp_path / "trt"
-    export(str(tiny_model_dir(base)), out, tiny_config(base, "static"), fmt="tensorrt", parity_steps=4)
+    run_export("tensorrt", ExportRequest(str(tiny_model_dir(base)), out, tiny_config(base, "static"), parity_steps=4))
     assert (out / "model.engine").is_file()
     assert_decodes_alike(TrtBackend.from_export(out), OrtBackend(out), steps=16, atol=1e-3)
     result = runner.invoke(app, ["generate", "--engine", str(out), "--prompt", "w1 w2 w3", "--raw", "-n", "8"])
     assert result.exit_code == 0, result.output
-    assert "tokens/s decode (TensorRT)" in result.output
+    assert "tokens/s decode (tensorrt)" in result.output

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..contract import OVERRIDE_MODEL_FILE, SKIP_DECISIONS, SKIP_MASK, ExportManifest
+from ..contract import GENAI_CONFIG_FILE, OVERRIDE_MODEL_FILE, SKIP_DECISIONS, SKIP_MASK, ExportManifest
 from ..genai_builder import INSTALL as GENAI_INSTALL
 from ..registry import Registry
 from .base import DecisionCounter, parse_skip_mask
@@ -87,7 +87,7 @@ class GenaiBackend:
         self.precision, self.model_dir = precision, Path(model_dir)
         self.mode = "dense" if filename is None else "skip"
         self.num_layers = num_layers
-        self._og, self.max_length = og, max_length
+        self._og, self.max_length = og, min(max_length, _context_length(self.model_dir))
         self._filename = filename
         self.model = self._load(threads, spin, filename)
         self.generator: Any = None
@@ -137,6 +137,14 @@ class GenaiBackend:
 
     def per_layer_skip(self) -> list[float] | None:
         return self.counter.per_layer() if self.counter is not None else None
+
+
+def _context_length(folder: Path) -> int:
+    """The longest sequence a genai folder's ``genai_config.json`` allows (its generator refuses more)."""
+    try:
+        return int(json.loads((folder / GENAI_CONFIG_FILE).read_text())["model"]["context_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 30
 
 
 def genai_overlay(threads: int | None, spin: bool | None) -> dict[str, Any]:
