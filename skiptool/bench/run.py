@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..contract import read_manifest
 from ..errors import SkipToolError
 from .harness import Measurement, measure, peak_rss_mib, progress_steps
 from .plans import config_beside, plan_runs
@@ -38,6 +39,8 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
 
     if req.repeats < 1 or req.new_tokens < 2:
         raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
+    for folder in req.onnx:  # a bad folder fails before the model loads
+        read_manifest(folder)
     threads = req.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     config = load_config(req.config) if req.config is not None else \
