@@ -28,6 +28,8 @@ class ArchAdapter:
     lm_head: str = "lm_head"
     input_norm: str = "input_layernorm"
     attention: str = "self_attn"
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # inside `attention`
+    rotary_embedding: str = "model.rotary_emb"  # the RoPE module, shared by every layer
     post_attention_norm: str = "post_attention_layernorm"
     mlp: str = "mlp"
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -46,9 +48,17 @@ class ArchAdapter:
     def embedding_module(self, model: nn.Module) -> nn.Module:
         return _get_path(model, self.embed_tokens)
 
+    def rotary_embedding_module(self, model: nn.Module) -> nn.Module:
+        return _get_path(model, self.rotary_embedding)
+
     # -- layer level -------------------------------------------------------------------------
     def attention_of(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention)
+
+    def attention_projections_of(self, layer: nn.Module) -> tuple[nn.Module, ...]:
+        """The query, key, value and output projections of a layer's attention, in that order."""
+        attention = self.attention_of(layer)
+        return tuple(getattr(attention, name) for name in self.attention_projections)
 
     def input_norm_of(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.input_norm)

@@ -40,9 +40,6 @@ from .kernels import (gathered_skippable_ffn, kernel_backend, reference_skippabl
 from .weights import FFNWeights, LowRankWeights
 
 FFN_MODES = ("dense", "device", "host")
-# Beyond what ArchAdapter names: where Llama, Qwen2 and Mistral keep their RoPE module and attention projections.
-ROTARY_EMBEDDING = "model.rotary_emb"
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CACHE_ALIGNMENT = 16  # cache length rounded up to this: SDPA's masked kernels want aligned key lengths
 
 
@@ -52,7 +49,7 @@ class LayerParts:
 
     index: int
     input_norm: nn.Module
-    projections: tuple[nn.Module, nn.Module, nn.Module, nn.Module]  # q, k, v, o
+    projections: tuple[nn.Module, ...]  # q, k, v, o
     post_norm: nn.Module
     mlp: nn.Module
     ffn: FFNWeights
@@ -62,9 +59,9 @@ class LayerParts:
     @classmethod
     def of(cls, layer: nn.Module, index: int, adapter: ArchAdapter, skippable: bool, activation: str,
            substitute: nn.Module | None) -> "LayerParts":
-        attention, mlp = adapter.attention_of(layer), adapter.mlp_of(layer)
+        mlp = adapter.mlp_of(layer)
         weight = next(mlp.parameters())
-        return cls(index, adapter.input_norm_of(layer), tuple(getattr(attention, n) for n in ATTENTION_PROJECTIONS),
+        return cls(index, adapter.input_norm_of(layer), adapter.attention_projections_of(layer),
                    adapter.post_attention_norm_of(layer), mlp, FFNWeights.of(mlp, adapter, activation),
                    LowRankWeights.of(substitute, weight.dtype, weight.device), skippable)
 
@@ -165,7 +162,8 @@ class DecodeEngine:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = getattr(adapter.attention_of(layers[0]), "scaling", self.head_dim ** -0.5)
-        self.rope_cos, self.rope_sin = rope_tables(model, self.max_len, self.dtype, self.device)
+        self.rope_cos, self.rope_sin = rope_tables(adapter.rotary_embedding_module(model), self.max_len, self.dtype,
+                                                   self.device)
         self.key_positions = torch.arange(self.max_len, device=self.device)
         self.cache = StaticKVCache(len(layers), batch_size, self.kv_heads, self.max_len, self.head_dim, self.dtype,
                                    self.device)
@@ -394,9 +392,8 @@ def grouped_query_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tenso
     return out.reshape(batch, heads, seq, dim)
 
 
-def rope_tables(model: nn.Module, max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def rope_tables(rotary: nn.Module, max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos and sin ``[max_len, head_dim]`` from the model's own rotary module (its theta and Llama-3 scaling)."""
-    rotary = attrgetter(ROTARY_EMBEDDING)(model)
     positions = torch.arange(max_len, device=device)[None]
     cos, sin = rotary(torch.zeros((), dtype=dtype, device=device), positions)
     return cos[0], sin[0]
