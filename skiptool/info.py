@@ -62,5 +62,5 @@ def describe(source: str) -> dict[str, Any]:
     """``skiptool info``: load `source` and return :func:`model_info` of it."""
     from .models import load_model
 
-    lm = load_model(source)
+    lm = load_model(source, needs_tokenizer=False)
     return model_info(lm.model, lm.adapter, source=source)

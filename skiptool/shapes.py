@@ -1,18 +1,20 @@
-"""Llama shapes with random weights: decode speed depends on a model's shape, never on its weight values.
+"""Llama-shaped models with random weights: decode speed depends on a model's shape, never on its weight values.
 
-The GPU machine has no model hub, so the benchmark builds Hugging Face ``LlamaForCausalLM`` models of real
-models' shapes (:data:`SHAPES`) directly on the device, in the wanted dtype, with random normal weights.
+Where no checkpoint can travel (the GPU machine has no model hub), skiptool builds Hugging Face causal LMs of real
+models' shapes — a name from :data:`SHAPES`, or any Llama-shaped ``config.json`` — directly on the device, in the
+wanted dtype, with random normal weights. ``load_model("random:8b")`` is the way in (:mod:`skiptool.models`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from .errors import ModelLoadError
 
 INIT_STD = 0.02  # Llama's initializer_range: activations stay in a sane range through many layers
 
@@ -50,7 +52,7 @@ SHAPES: dict[str, LlamaShape] = {s.name: s for s in (
 def shape_named(name: str) -> LlamaShape:
     """The shape called `name`, or a one-line error listing the known ones."""
     if name not in SHAPES:
-        raise ConfigError(f"unknown model shape {name!r} (known: {', '.join(SHAPES)})")
+        raise ModelLoadError(f"unknown model shape {name!r} (known: {', '.join(SHAPES)})")
     return SHAPES[name]
 
 
@@ -65,25 +67,48 @@ def llama_config(shape: LlamaShape) -> Any:
                        tie_word_embeddings=shape.tied_embeddings, rope_theta=shape.rope_theta, **extra)
 
 
-def build_random_llama(shape: LlamaShape | str, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A ``LlamaForCausalLM`` of `shape` with N(0, 0.02²) weights, built on `device` in `dtype`.
+def random_model_config(spec: str) -> Any:
+    """The Hugging Face config a random model is built from: `spec` names a shape of :data:`SHAPES`, or is the
+    path of a ``config.json`` (or of the folder holding one). Its architecture is checked by the caller."""
+    if spec in SHAPES:
+        return llama_config(SHAPES[spec])
+    path = Path(spec).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ModelLoadError(f"random:{spec} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a user-facing load error
+        raise ModelLoadError(f"cannot read model config {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def build_random_model(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> nn.Module:
+    """A causal LM of Hugging Face `config` with N(0, 0.02²) weights, built on `device` in `dtype`.
 
     Parameters are created on the device in the target dtype (no fp32 copy on the host, no transfer), then
     drawn in place; eval mode, gradients off. RMSNorm weights keep Hugging Face's ones.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    shape = shape_named(shape) if isinstance(shape, str) else shape
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(llama_config(shape))
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     randomize_weights(model, seed)
     return model.eval().requires_grad_(False)
+
+
+def build_random_llama(shape: LlamaShape | str, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A ``LlamaForCausalLM`` of `shape` (a :class:`LlamaShape` or its name) with random weights."""
+    shape = shape_named(shape) if isinstance(shape, str) else shape
+    return build_random_model(llama_config(shape), device, dtype, seed)
 
 
 @torch.no_grad()
