@@ -248,7 +248,8 @@ class SkipRuntime:
 
 def apply_skip(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
                substitutes: dict[int, nn.Module] | None = None) -> SkipRuntime:
-    """Wrap each decoder layer of `model` (in place) so its FFN follows `policy`."""
+    """Wrap each decoder layer of `model` (in place) so its FFN follows `policy`; the policy and the substitutes
+    move to the model's device (stand-ins load on the CPU)."""
     layers = adapter.decoder_layers(model)
     if any(isinstance(layer, SkipLayer) for layer in layers):
         raise ValueError("model is already wrapped by apply_skip; call .remove() first")
@@ -260,7 +261,7 @@ def apply_skip(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
     policy.to(device)
     for i, layer in enumerate(originals):
         sub = (substitutes or {}).get(i)
-        layers[i] = SkipLayer(layer, i, adapter, controller, sub)
+        layers[i] = SkipLayer(layer, i, adapter, controller, sub.to(device) if sub is not None else None)
     runtime = SkipRuntime(model, adapter, controller, originals)
     _ACTIVE[model] = runtime
     return runtime
@@ -278,15 +279,22 @@ def skipping(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
 
 
 def open_runtime(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, **policy_overrides: Any) -> SkipRuntime:
-    """The runtime every command uses for a skip config: check `config` against `model`, build its policy (with
-    `policy_overrides` such as ``threshold=0.3``; None keeps the config's value), load its stand-ins (if any)
-    and wrap the model. ``runtime.remove()`` restores it."""
+    """The runtime every command uses for a skip config: the config's policy and stand-ins
+    (:func:`policy_and_substitutes`) wrapped around the model. ``runtime.remove()`` restores it."""
+    return apply_skip(model, adapter, *policy_and_substitutes(model, config, **policy_overrides))
+
+
+def policy_and_substitutes(model: nn.Module, config: SkipConfig,
+                           **policy_overrides: Any) -> tuple[SkipPolicy, dict[int, nn.Module] | None]:
+    """What a skip config gives `model`, without wrapping it: check `config` against the model, build its policy
+    (with `policy_overrides` such as ``threshold=0.3``; None keeps the config's value) and load its stand-ins per
+    layer (None when it has none). Every decode path (the eager runtime, the GPU engine) starts here."""
     from .policies import build_policy
 
     config.check_matches(model)
     policy = build_policy(config, **policy_overrides)
     substitutes = load_standins(config).by_layer() if config.standin is not None else None
-    return apply_skip(model, adapter, policy, substitutes)
+    return policy, substitutes
 
 
 def load_standins(config: SkipConfig) -> "StandIns":

@@ -17,11 +17,11 @@ from torch import nn
 
 from ..adapters import ArchAdapter, adapter_for, cache_kwargs
 from ..config import SkipConfig
-from ..runtime import SkipRuntime, SkipStats, active_runtime, apply_skip, open_runtime
+from ..models import precision_of
+from ..runtime import SkipRuntime, SkipStats, active_runtime, apply_skip, policy_and_substitutes
 
 # model id -> the backend whose skip wrapper is installed on it now
 _ACTIVE: "weakref.WeakValueDictionary[int, TorchBackend]" = weakref.WeakValueDictionary()
-PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TorchBackend:
@@ -39,9 +39,9 @@ class TorchBackend:
                  override: list[int] | None = None, device: str | None = None) -> None:
         self.model, self.adapter = model, adapter or adapter_for(model)
         self.device = torch.device(device) if device else next(model.parameters()).device
-        self.precision = PRECISIONS.get(next(model.parameters()).dtype, "fp32")
+        self.precision = precision_of(model)
         self.override = override
-        self.policy, self.substitutes = _policy_of(model, self.adapter, config) if config is not None else (None, None)
+        self.policy, self.substitutes = policy_and_substitutes(model, config) if config is not None else (None, None)
         self.runtime: SkipRuntime | None = None
         self.mode = "dense" if config is None and active_runtime(model) is None else "skip"
         self._cache: Any = None
@@ -129,15 +129,3 @@ class TorchBackend:
     def substitute_bytes(self) -> int:
         """Weight bytes of the stand-ins, over all layers (read only where the FFN is skipped)."""
         return sum(p.numel() * p.element_size() for s in (self.substitutes or {}).values() for p in s.parameters())
-
-
-def _policy_of(model: nn.Module, adapter: ArchAdapter,
-               config: SkipConfig) -> tuple[Any, dict[int, nn.Module] | None]:
-    """The policy and stand-ins a config gives this model (checked by the runtime itself), unwrapped again."""
-    current = _ACTIVE.get(id(model))
-    if current is not None:
-        current._deactivate()
-    runtime = open_runtime(model, adapter, config)
-    subs = runtime.substitutes()
-    runtime.remove()
-    return runtime.policy, subs or None

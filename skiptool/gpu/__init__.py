@@ -1,10 +1,12 @@
 """The GPU decode path: skippable-FFN kernels that read their decisions on the device, a static-KV-cache decode
-engine whose step is one CUDA graph, random-weight Llama shapes and decode-speed measurements.
+engine whose step is one CUDA graph, the decode backend over it, and decode-speed measurements.
 
-For ``--device cuda``::
+What ``generate --device cuda`` and ``bench --device cuda`` run is :class:`EngineBackend` (batch 1, the
+:class:`~skiptool.backends.base.DecodeBackend` protocol). The engine itself, for any batch size::
 
-    from skiptool.gpu import DecodeEngine, require_cuda
-    device = require_cuda()                      # one clear SkipToolError without a GPU
+    from skiptool.accelerators import check_device
+    from skiptool.gpu import DecodeEngine
+    check_device("cuda")                         # one clear SkipToolError without a GPU
     engine = DecodeEngine(model, adapter, policy, batch_size=1, max_len=prompt_len + new_tokens, mode="device")
     logits = engine.prefill(prompt_ids)          # eager
     engine.capture()                             # the decode step as one CUDA graph (False on a CPU)
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
+    "EngineBackend": "skiptool.gpu.backend",
     "DecodeEngine": "skiptool.gpu.decoder",
     "FFN_MODES": "skiptool.gpu.decoder",
     "StaticKVCache": "skiptool.gpu.decoder",

@@ -118,6 +118,7 @@ class SkipCounters:
         return {"skip_ratio": sum(skipped) / tokens if tokens else 0.0,
                 "call_skip_ratio": sum(avoided) / forwards if forwards else 0.0,
                 "per_layer": [s / self.tokens if self.tokens else 0.0 for s in skipped],
+                "ffn_calls": forwards - sum(avoided), "ffn_calls_avoided": sum(avoided),
                 "tokens": self.tokens, "forwards": self.forwards}
 
 
