@@ -37,7 +37,7 @@ from ..errors import ConfigError, SkipToolError
 from ..fileio import atomic_directory, check_output_dir, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals
 from ..runtime import SkipStats, skipping
-from ..standins import DEFAULT_RANK, StandIns
+from ..standins import StandIns, StandInSpec, skip_target
 from .collect import LayerStats, collect_layer_stats, run_blocks
 from .standin_fit import fit_standins
 
@@ -220,7 +220,15 @@ class CalibrationSettings:
     threshold_mode: str = "per-layer"
     tolerance: float = 0.005
     batch_size: int = 4
-    standin_rank: int = DEFAULT_RANK  # > 0: also fit closed-form low-rank stand-ins for skipped FFNs (0: none)
+    standin: StandInSpec | None = StandInSpec()  # closed-form stand-ins for skipped FFNs (None: zeros)
+    target_saved: float | None = None  # instead of target_skip: the share of FFN weight bytes to save
+
+    def skip_target(self, hidden_size: int, ffn_weights: int) -> float:
+        """The skip ratio to fit: `target_skip`, or the one that saves `target_saved` of the FFN bytes with the
+        stand-ins in place."""
+        if self.target_saved is None:
+            return self.target_skip
+        return skip_target(self.target_saved, self.standin, hidden_size, ffn_weights)
 
 
 @dataclass
@@ -265,16 +273,18 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     cold_start = auto[0] if settings.cold_start is None else settings.cold_start
     cold_end = auto[1] if settings.cold_end is None else settings.cold_end
     base = dense_config(model, source, cold_start, cold_end, settings.warmup)
+    target = settings.skip_target(int(model.config.hidden_size), ffn_weight_count(model, adapter))
     standins = None
-    if settings.standin_rank > 0:  # fitted first: the thresholds are fitted with them in place
-        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin_rank, settings.warmup)
-    fit = fit_cosine(model, adapter, blocks, stats, settings.target_skip, base.skippable_layers, settings.greedy_k,
+    if settings.standin is not None:  # fitted first: the thresholds are fitted with them in place
+        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.size, settings.warmup,
+                                settings.standin.kind)
+    fit = fit_cosine(model, adapter, blocks, stats, target, base.skippable_layers, settings.greedy_k,
                      settings.threshold_mode, settings.tolerance, batch_size=settings.batch_size, progress=progress,
                      substitutes=None if standins is None else standins.by_layer())
-    config = base.evolve(target_skip=settings.target_skip, metadata=_metadata(settings, data, fit, blocks)).with_policy(
+    config = base.evolve(target_skip=target, metadata=_metadata(settings, data, fit, blocks)).with_policy(
         "cosine", thresholds=fit.thresholds, greedy_k=fit.greedy_k)
     if standins is not None:
-        config = config.evolve(standin=ArtifactRef(STANDIN_FILENAME, settings.standin_rank))
+        config = config.evolve(standin=ArtifactRef(STANDIN_FILENAME, standins.rank_, standins.kind))
     result = CalibrationResult(config, stats, fit, standins=standins)
     if out_dir is not None:
         result.paths = write_calibration(result, out_dir, plot)
@@ -315,8 +325,8 @@ def write_calibration(result: CalibrationResult, out_dir: str | Path,
 def _check_settings(s: CalibrationSettings) -> None:
     if not 0 < s.target_skip < 1:
         raise SkipToolError(f"--target-skip must be in (0, 1), got {s.target_skip}")
-    if s.standin_rank < 0:
-        raise SkipToolError(f"--stand-in rank must be >= 0, got {s.standin_rank}")
+    if s.target_saved is not None and not 0 < s.target_saved < 1:
+        raise SkipToolError(f"--target-saved must be in (0, 1), got {s.target_saved}")
     if s.samples < 1:
         raise SkipToolError("--samples must be at least 1")
     if s.warmup >= s.seq_len:
@@ -367,6 +377,11 @@ def data_spec_from_config(config: SkipConfig) -> tuple[DataSpec, int, int]:
     spec = DataSpec(rec["source"], str(rec.get("field", "text")), str(rec.get("split", "test")),
                     (float(part[0]), float(part[1])))
     return spec, samples, seq_len
+
+
+def ffn_weight_count(model: nn.Module, adapter: ArchAdapter) -> int:
+    """Weights of one layer's FFN (every layer's FFN has the same shape)."""
+    return adapter.mlp_parameter_count(adapter.decoder_layers(model)[0])
 
 
 def eligible_fraction(num_layers: int, skippable: int, seq_len: int, warmup: int) -> float:

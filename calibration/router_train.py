@@ -10,7 +10,7 @@ the FFN, whether that layer's FFN runs for the token. Training:
    skips exactly as inference will), to keep the skipping model's next-token distribution close to
    the dense model's (KL(dense || skipping)), with a strong penalty on the gap between the skip rate
    and the target.
-   With ``standin_rank > 0`` a low-rank stand-in per skippable layer (see :mod:`skiptool.standins`)
+   With a stand-in spec (``standin``) a stand-in per skippable layer (see :mod:`skiptool.standins`)
    is trained jointly with the routers: it starts from the closed-form fit (or from zero) and learns
    from the same loss, so a skipped FFN adds the stand-in's estimate instead of nothing.
 3. **Threshold refit.** On held-out calibration blocks, the probability threshold is refitted so the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,7 +39,7 @@ from ..fileio import atomic_directory, check_output_dir
 from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
                         block_positions, build_policy, router_features)
 from ..runtime import SkipRuntime, load_standins, skipping
-from ..standins import DEFAULT_RANK, StandIns
+from ..standins import StandIns, StandInSpec, skip_target
 from .fit import eligible_fraction
 from .standin_fit import fit_standins
 
@@ -68,21 +68,25 @@ class RouterTrainSettings:
     threshold: float | None = None  # None: refit on held-out blocks to the target ratio
     seed: int = 0
     device: str = "cpu"
-    standin_rank: int = DEFAULT_RANK  # 0: no trained stand-ins (a base config's own stand-ins are used as they are)
+    standin: StandInSpec | None = StandInSpec()  # None: no trained stand-ins (a base config's own are used as they are)
     standin_init: str = "closed-form"  # or "zero"
     standin_lr: float = 1e-3
+    target_saved: float | None = None  # instead of target_skip: the share of FFN weight bytes to save
 
     def __post_init__(self) -> None:
         problems = [
-            (not 0 < self.target_skip < 1, f"--target-skip must be in (0, 1) (got {self.target_skip})"),
+            (not 0 < self.target_skip < 1, f"--target-skip must be in (0, 1) (got {self.target_skip:.3g}; a "
+                                           "--target-saved is turned into the skip ratio that saves it)"),
+            (self.target_saved is not None and not 0 < self.target_saved < 1,
+             f"--target-saved must be in (0, 1) (got {self.target_saved})"),
             (self.estimator not in ESTIMATORS, f"--estimator must be one of {', '.join(ESTIMATORS)} "
                                                f"(got {self.estimator!r})"),
             (self.threshold is not None and not 0 < self.threshold < 1,
              f"--threshold must be a probability strictly between 0 and 1 (got {self.threshold})"),
             (self.standin_init not in STANDIN_INITS, f"--stand-in-init must be one of {', '.join(STANDIN_INITS)} "
                                                      f"(got {self.standin_init!r})"),
-            (self.steps < 0 or self.batch_size < 1 or self.seq_len < 2 or self.standin_rank < 0,
-             "--steps and --stand-in must be >= 0, --batch-size >= 1 and --seq-len >= 2"),
+            (self.steps < 0 or self.batch_size < 1 or self.seq_len < 2,
+             "--steps must be >= 0, --batch-size >= 1 and --seq-len >= 2"),
             (self.lr < 0 or self.standin_lr < 0 or self.penalty < 0, "--lr, --stand-in-lr and --penalty must be >= 0"),
         ]
         for bad, message in problems:
@@ -376,12 +380,13 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     """Fit, train and threshold the routers for `config`'s cold regions and warm-up; write them to `out_dir`.
 
     Writes ``router.safetensors``, the trained stand-ins (``router_standin.safetensors``, unless
-    ``standin_rank`` is 0: then a base config's own stand-ins are copied beside the config) and last
+    ``settings.standin`` is None: then a base config's own stand-ins are copied beside the config) and last
     ``skip_config.json`` (policy ``router``), each atomically.
     """
     start = time.perf_counter()
     config.check_matches(model)
     check_output_dir(out_dir)
+    settings = with_skip_target(settings, config, model, adapter)
     torch.manual_seed(settings.seed)
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
     rate = inner_rate(config, settings.target_skip, blocks.shape[1])  # an unreachable target fails first
@@ -406,7 +411,7 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     cost = router_cost(routers, model, adapter)
     if standins is not None:
         cost["standin"] = standins.cost(int(model.config.intermediate_size))
-    standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_) if standins is not None
+    standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_, standins.kind) if standins is not None
                    else _absolute(config, config.standin))
     with atomic_directory(out_dir) as tmp:  # routers, stand-ins and config appear together or not at all
         routers.cpu().save(tmp / ROUTER_FILENAME)
@@ -416,35 +421,46 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
         new_config.save_with_artifacts(tmp)  # a base config's fixed stand-ins are copied beside it
     out = Path(out_dir).resolve()
     new_config = new_config.evolve(base_dir=out, standin=None if new_config.standin is None else
-                                   ArtifactRef(Path(new_config.standin.path).name, new_config.standin.rank))
+                                   replace(new_config.standin, path=Path(new_config.standin.path).name))
     config_path, router_path = out / CONFIG_FILENAME, out / ROUTER_FILENAME
     standin_path = out / TRAINED_STANDIN_FILENAME if standins is not None else None
     return RouterTrainResult(new_config, config_path, router_path, standin_path, heldout, dense_nll, cost, history,
                              time.perf_counter() - start)
 
 
+def with_skip_target(settings: RouterTrainSettings, config: SkipConfig, model: nn.Module,
+                     adapter: ArchAdapter) -> RouterTrainSettings:
+    """`settings` with `target_skip` set to the ratio that saves `target_saved` of the FFN bytes (when given), with
+    the stand-ins that will be in place (trained ones, else the base config's)."""
+    if settings.target_saved is None:
+        return settings
+    spec = settings.standin or (StandInSpec(config.standin.kind or "linear", config.standin.rank or 1)
+                                if config.standin is not None else None)
+    ffn = adapter.mlp_parameter_count(adapter.decoder_layers(model)[0])
+    return replace(settings, target_skip=skip_target(settings.target_saved, spec, int(model.config.hidden_size), ffn))
+
+
 def initial_standins(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor,
                      settings: RouterTrainSettings) -> StandIns | None:
-    """The stand-ins joint training starts from (``None`` when ``standin_rank`` is 0).
+    """The stand-ins joint training starts from (``None`` without a stand-in spec).
 
-    ``closed-form``: the base config's own stand-ins when their rank matches, else a reduced-rank fit on
+    ``closed-form``: the base config's own stand-ins when their kind and size match, else a closed-form fit on
     `blocks`; ``zero``: stand-ins that add nothing until trained.
     """
-    rank = settings.standin_rank
-    if rank <= 0:
+    spec = settings.standin
+    if spec is None:
         return None
-    if settings.standin_init not in STANDIN_INITS:
-        raise ConfigError(f"stand-in init must be one of {', '.join(STANDIN_INITS)} (got {settings.standin_init!r})")
     layers, device = config.skippable_layers, _device(model)
     if settings.standin_init == "zero":
-        return StandIns(int(model.config.hidden_size), rank, layers).to(device)
-    if config.standin is not None and config.standin.rank == rank:
+        return StandIns(int(model.config.hidden_size), spec.size, layers, spec.kind,
+                        int(model.config.intermediate_size)).to(device)
+    if config.standin is not None and (config.standin.kind or "linear", config.standin.rank) == (spec.kind, spec.size):
         return load_standins(config).to(device)
-    return fit_standins(model, adapter, blocks, layers, rank, config.warmup)
+    return fit_standins(model, adapter, blocks, layers, spec.size, config.warmup, spec.kind)
 
 
 def _absolute(config: SkipConfig, ref: ArtifactRef | None) -> ArtifactRef | None:
-    return None if ref is None else ArtifactRef(str(config.resolve(ref.path).resolve()), ref.rank)
+    return None if ref is None else replace(ref, path=str(config.resolve(ref.path).resolve()))
 
 
 def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: HeldOut,
@@ -454,8 +470,9 @@ def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: H
                 "seq_len": settings.seq_len, "batch_size": settings.batch_size, "estimator": settings.estimator,
                 "penalty": settings.penalty, "heldout_skip_ratio": heldout.skip_ratio,
                 "heldout_perplexity": heldout.perplexity, "from_policy": config.policy.kind,
-                "final_kl": history[-1]["kl"] if history else None, "standin_rank": settings.standin_rank,
-                "standin_init": settings.standin_init if settings.standin_rank else None}
+                "final_kl": history[-1]["kl"] if history else None,
+                "standin": str(settings.standin) if settings.standin is not None else None,
+                "standin_init": settings.standin_init if settings.standin is not None else None}
     return config.evolve(
         policy=PolicySpec("router", {"threshold": heldout.threshold}), target_skip=settings.target_skip,
         router=ArtifactRef(ROUTER_FILENAME), standin=standin,

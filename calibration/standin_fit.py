@@ -1,8 +1,14 @@
-"""Closed-form stand-ins: reduced-rank least squares of each FFN's output on its normalised input.
+"""Closed-form stand-ins, fitted on dense forward passes over calibration blocks (no training).
 
-One dense pass over calibration blocks accumulates, per skippable layer, the first and second moments
-of the FFN's input ``x`` and output ``y`` (tokens after warm-up only), through forward hooks on the
-MLPs that are always removed. No training: each layer's map is solved in closed form.
+Hooks that are always removed record, per skippable layer and for the tokens past the warm-up, what each kind
+needs (:data:`FITTERS`, one function per stand-in kind):
+
+- ``linear``: first and second moments of the FFN's input ``x`` and output ``y``; the map is the reduced-rank
+  least-squares fit of ``y`` on ``x``.
+- ``core``: two passes. The first scores each neuron by mean ``|a_i|`` times the norm of its down-projection
+  column (``a`` = the FFN's intermediate activation, the down projection's input) and keeps the top k; the
+  second accumulates the moments of those k activations against ``y``, and the down projection (with a bias)
+  is refitted by least squares so the k neurons alone best reproduce the full FFN's output.
 """
 
 from __future__ import annotations
@@ -16,18 +22,22 @@ from torch import Tensor, nn
 from ..adapters import ArchAdapter
 from ..errors import ConfigError
 from ..policies import block_positions, is_warm
-from ..standins import StandIns, check_rank, reduced_rank_fit
+from ..registry import Registry
+from ..standins import StandIns, StandInSpec, reduced_rank_fit, ridge_solve
+
+Recorder = Callable[[int, Tensor, Tensor, Tensor], None]  # (layer, x, a, y) of the warm tokens
 
 
 class MomentAccumulator:
     """Running sums for E[x], E[y], E[x x^T], E[x y^T] (float64)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        out = out_dim or dim
         self.n = 0
         self.sx = torch.zeros(dim, dtype=torch.float64)
-        self.sy = torch.zeros(dim, dtype=torch.float64)
+        self.sy = torch.zeros(out, dtype=torch.float64)
         self.sxx = torch.zeros(dim, dim, dtype=torch.float64)
-        self.sxy = torch.zeros(dim, dim, dtype=torch.float64)
+        self.sxy = torch.zeros(dim, out, dtype=torch.float64)
 
     def add(self, x: Tensor, y: Tensor) -> None:
         """Add a batch of rows (products in float32 per batch, sums kept in float64)."""
@@ -45,20 +55,28 @@ class MomentAccumulator:
 
 
 @contextmanager
-def _mlp_moments(model: nn.Module, adapter: ArchAdapter, layers: list[int], warm: list[Tensor],
-                 acc: dict[int, MomentAccumulator]) -> Iterator[None]:
-    """Accumulate each MLP's input/output moments over the tokens `warm[0]` marks (set before each forward)."""
-    handles = []
+def _recording(model: nn.Module, adapter: ArchAdapter, layers: list[int], warm: list[Tensor],
+               record: Recorder) -> Iterator[None]:
+    """Call ``record(layer, x, a, y)`` for each listed layer's MLP on the tokens `warm[0]` marks (set before each
+    forward): its input, its intermediate activation (the down projection's input) and its output."""
+    handles, seen = [], {}
+    down_name = adapter.mlp_linears[-1]
+    decoder = adapter.decoder_layers(model)
 
-    def hook_for(index: int) -> Callable[..., None]:
+    def keep_activation(index: int) -> Callable[..., None]:
+        return lambda module, inputs: seen.__setitem__(index, inputs[0])
+
+    def finish(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            acc[index].add(inputs[0][warm[0]], output[warm[0]])
+            mask = warm[0]
+            record(index, inputs[0][mask], seen.pop(index)[mask], output[mask])
         return hook
 
-    decoder = adapter.decoder_layers(model)
     try:
         for i in layers:
-            handles.append(adapter.mlp_of(decoder[i]).register_forward_hook(hook_for(i)))
+            mlp = adapter.mlp_of(decoder[i])
+            handles.append(getattr(mlp, down_name).register_forward_pre_hook(keep_activation(i)))
+            handles.append(mlp.register_forward_hook(finish(i)))
         yield
     finally:
         for h in handles:
@@ -66,18 +84,11 @@ def _mlp_moments(model: nn.Module, adapter: ArchAdapter, layers: list[int], warm
 
 
 @torch.no_grad()
-def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,
-                 warmup: int = 0, progress: Callable[[int], Any] | None = None) -> StandIns:
-    """Fit a rank-`rank` stand-in for each layer in `layers` from dense forward passes over `blocks`."""
-    if warmup >= blocks.shape[1]:
-        raise ConfigError(f"warm-up ({warmup}) covers the whole {blocks.shape[1]}-token block: no tokens to fit "
-                          "stand-ins on (use a longer --seq-len)")
-    hidden = int(model.config.hidden_size)
-    check_rank(rank, hidden)
-    acc = {i: MomentAccumulator(hidden) for i in layers}
+def _dense_pass(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], warmup: int,
+                record: Recorder, progress: Callable[[int], Any] | None = None) -> None:
     device = next(model.parameters()).device
     warm: list[Tensor] = [torch.zeros(0, dtype=torch.bool)]
-    with _mlp_moments(model, adapter, layers, warm, acc):
+    with _recording(model, adapter, layers, warm, record):
         for b in range(blocks.shape[0]):
             ids = blocks[b:b + 1].to(device)
             positions = block_positions(ids)
@@ -85,7 +96,20 @@ def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers:
             model(ids, position_ids=positions)
             if progress is not None:
                 progress(b + 1)
-    standins = StandIns(hidden, rank, layers)
+
+
+Fitter = Callable[[nn.Module, ArchAdapter, Tensor, list[int], int, int], StandIns]
+FITTERS: Registry[Fitter] = Registry("stand-in kind")
+
+
+@FITTERS.add("linear")
+def fit_linear(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,
+               warmup: int) -> StandIns:
+    """Reduced-rank least squares of each FFN's output on its input."""
+    hidden = int(model.config.hidden_size)
+    acc = {i: MomentAccumulator(hidden) for i in layers}
+    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(x, y))
+    standins = StandIns(hidden, rank, layers, "linear", int(model.config.intermediate_size))
     for i in layers:
         mx, my, cxx, cxy = acc[i].centred()
         down, up, bias = reduced_rank_fit(cxx, cxy, mx, my, rank)
@@ -93,4 +117,45 @@ def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers:
         m.down.weight.data.copy_(down)
         m.up.weight.data.copy_(up)
         m.up.bias.data.copy_(bias)
-    return standins.to(device)
+    return standins
+
+
+@FITTERS.add("core")
+def fit_core(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], k: int,
+             warmup: int) -> StandIns:
+    """Each FFN's top-k neurons (mean |activation| x down-column norm), down projection refitted to the FFN."""
+    decoder, (gate_name, up_name, down_name) = adapter.decoder_layers(model), adapter.mlp_linears
+    mlps = {i: adapter.mlp_of(decoder[i]) for i in layers}
+    magnitude = {i: torch.zeros(getattr(mlps[i], down_name).in_features, dtype=torch.float64) for i in layers}
+
+    def score(i: int, x: Tensor, a: Tensor, y: Tensor) -> None:
+        magnitude[i] += a.float().abs().sum(0).double().cpu()
+
+    _dense_pass(model, adapter, blocks, layers, warmup, score)
+    chosen = {i: (magnitude[i] * getattr(mlps[i], down_name).weight.detach().double().cpu().norm(dim=0)).topk(k).indices
+              for i in layers}
+    acc = {i: MomentAccumulator(k, int(model.config.hidden_size)) for i in layers}
+    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(a[:, chosen[i].to(a.device)], y))
+    standins = StandIns(int(model.config.hidden_size), k, layers, "core", int(model.config.intermediate_size))
+    for i in layers:
+        mx, my, caa, cay = acc[i].centred()
+        down = ridge_solve(caa, cay).float()  # [k, hidden]: y - my ≈ (a_k - mx) @ down
+        m, idx = standins.maps[str(i)], chosen[i]
+        m.gate.weight.data.copy_(getattr(mlps[i], gate_name).weight.detach()[idx].float().cpu())
+        m.up.weight.data.copy_(getattr(mlps[i], up_name).weight.detach()[idx].float().cpu())
+        m.down.weight.data.copy_(down.T)
+        m.down.bias.data.copy_((my.double() - mx.double() @ down.double()).float())
+    return standins
+
+
+def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,
+                 warmup: int = 0, kind: str = "linear") -> StandIns:
+    """Closed-form stand-ins of `kind` and size `rank` for each layer in `layers`, from dense passes over `blocks`."""
+    if warmup >= blocks.shape[1]:
+        raise ConfigError(f"warm-up ({warmup}) covers the whole {blocks.shape[1]}-token block: no tokens to fit "
+                          "stand-ins on (use a longer --seq-len)")
+    StandInSpec(kind, rank).check(int(model.config.hidden_size), int(model.config.intermediate_size))
+    if kind == "core" and getattr(model.config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"core stand-ins copy SwiGLU neurons; this model's FFN uses {model.config.hidden_act}")
+    device = next(model.parameters()).device
+    return FITTERS.get(kind)(model, adapter, blocks, layers, rank, warmup).to(device)

@@ -38,7 +38,7 @@ from typing import Any
 
 import onnx
 import torch
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 from torch import nn
 
 from skiptool.adapters import kv_shape
@@ -49,11 +49,11 @@ from skiptool.errors import SkipToolError
 from skiptool.fileio import atomic_directory
 from skiptool.genai_builder import copy_genai_model
 from skiptool.models import eos_token_ids, hf_directory, load_model
-from skiptool.onnx_graph import constant, drop_initializer_inputs, op_counts, toposort
+from skiptool.onnx_graph import constant, drop_initializer_inputs, op_counts, splice, toposort
 from skiptool.policies import SkipPolicy, check_policy
 from skiptool.runtime import open_runtime
 
-from .ort_policy import SCOPE, LayerTaps, PolicyNodes
+from .ort_policy import SCOPE, LayerTaps, PolicyNodes, export_small
 from .target import EXPORT_TARGETS, ExportReport, ExportRequest, ExportTarget, Progress
 from .validate import check_parity, enforce_parity, parity_prompt
 
@@ -97,7 +97,7 @@ def _hidden_size(graph: GraphProto, taps: LayerTaps) -> int:
 
 # -- the If around each FFN ---------------------------------------------------------------------------
 def _wrap_ffn(graph: GraphProto, taps: LayerTaps, mlp: list[NodeProto], cond: str, skip: str, io_dtype: int,
-              layer_index: str | None, standin: nn.Module | None) -> None:
+              layer_index: str | None, standin: ModelProto | None) -> None:
     """Move the layer's MLP nodes into an If: then (all skip) = the substitute, else = the MLP (the substitute
     for rows that skip). The compute branch adds as few nodes as it can to the MLP's (they run at every step):
     the layer's rows ``[batch, seq, 1]`` (an ``Unsqueeze`` of its decision, or with `layer_index` a ``Gather``
@@ -125,11 +125,12 @@ def _wrap_ffn(graph: GraphProto, taps: LayerTaps, mlp: list[NodeProto], cond: st
                                        else_branch=compute_g))
 
 
-def _substitute_nodes(graph: GraphProto, taps: LayerTaps, scope: str, io_dtype: int, standin: nn.Module | None,
+def _substitute_nodes(graph: GraphProto, taps: LayerTaps, scope: str, io_dtype: int, standin: ModelProto | None,
                       out: str | None = None, broadcast: bool = False) -> tuple[list[NodeProto], str]:
     """Nodes computing what a skipped FFN adds inside one branch, and the value they write (`out`): zeros of
     the FFN input's shape (with `broadcast`, no nodes: a shared scalar zero that ``Where`` broadcasts), or the
-    stand-in ``x @ down^T @ up^T + bias`` (its weights are main-graph initializers shared by both branches)."""
+    layer's stand-in graph (:func:`standin_graph`) spliced in, its weights main-graph initializers that both
+    branches share."""
     out = out or f"{scope}/substitute"
     if standin is None:
         if broadcast:
@@ -137,16 +138,19 @@ def _substitute_nodes(graph: GraphProto, taps: LayerTaps, scope: str, io_dtype: 
         return [helper.make_node("Shape", [taps.x], [f"{scope}/zeros_shape"], name=f"{scope}/zeros_shape"),
                 helper.make_node("ConstantOfShape", [f"{scope}/zeros_shape"], [out], name=f"{scope}/zeros",
                                  value=helper.make_tensor("value", io_dtype, [1], [0]))], out
-    w = f"/model/layers.{taps.layer}/standin"
-    if not any(i.name == f"{w}/down" for i in graph.initializer):
-        np_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
-        for name, value in (("down", standin.down.weight.T), ("up", standin.up.weight.T), ("bias", standin.up.bias)):
-            graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np_dtype),
-                                                             f"{w}/{name}"))
-    return [helper.make_node("MatMul", [taps.x, f"{w}/down"], [f"{scope}/standin_low"], name=f"{scope}/standin_down"),
-            helper.make_node("MatMul", [f"{scope}/standin_low", f"{w}/up"], [f"{scope}/standin_up"],
-                             name=f"{scope}/standin_up"),
-            helper.make_node("Add", [f"{scope}/standin_up", f"{w}/bias"], [out], name=f"{scope}/standin_bias")], out
+    nodes: list[NodeProto] = []
+    splice(graph, standin, {"x": taps.x}, {"y": out}, f"{scope}/standin", SCOPE, nodes_into=nodes,
+           weight_prefix=f"/model/layers.{taps.layer}/standin")
+    return nodes, out
+
+
+def standin_graph(standin: nn.Module, hidden: int, io_dtype: torch.dtype, precision: str, opset: int) -> ModelProto:
+    """A stand-in module as a small ONNX graph ``x -> y`` (its own PyTorch code, exported), its MatMul weights
+    quantized like the rest of a quantized graph (block-wise, :mod:`.quantize`'s scheme)."""
+    from .quantize import quantize_model
+
+    sub = export_small(standin.eval(), {"x": torch.randn(2, 3, hidden).to(io_dtype)}, ["y"], opset)
+    return sub if precision == "fp32" else quantize_model(sub, precision)
 
 
 # -- the skipping graph -------------------------------------------------------------------------------
@@ -158,9 +162,10 @@ class SurgeryResult:
     signal_free: bool
 
 
-def add_skipping(model: ModelProto, policy: SkipPolicy, standins: dict[int, nn.Module] | None = None) -> SurgeryResult:
+def add_skipping(model: ModelProto, policy: SkipPolicy, standins: dict[int, nn.Module] | None = None,
+                 precision: str = "fp32") -> SurgeryResult:
     """Turn onnxruntime-genai's dense graph into the skipping graph for `policy` (in place); `standins` (per
-    skippable layer) replace the zeros a skipped FFN adds."""
+    skippable layer) replace the zeros a skipped FFN adds, quantized to `precision` when it is int8 or int4."""
     g = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     io_dtype = next(o.type.tensor_type.elem_type for o in g.output if o.name == "logits")
@@ -168,12 +173,16 @@ def add_skipping(model: ModelProto, policy: SkipPolicy, standins: dict[int, nn.M
     g.initializer.append(helper.make_tensor(SKIP_MASK, TensorProto.INT64, [n], [0] * n))
     g.input.append(helper.make_tensor_value_info(SKIP_MASK, TensorProto.INT64, [n]))
     taps = [layer_taps(g, i) for i in range(n)]
-    nodes = PolicyNodes(g, policy, _hidden_size(g, taps[0][0]), TORCH_DTYPES[io_dtype], opset, taps[0][0].h_in)
+    hidden = _hidden_size(g, taps[0][0])
+    nodes = PolicyNodes(g, policy, hidden, TORCH_DTYPES[io_dtype], opset, taps[0][0].h_in)
     nodes.init_state(taps[0][0].h_in)
     for t, mlp in taps:
         if policy.is_skippable(t.layer):
             cond, skip, index = nodes.decide(t)
-            _wrap_ffn(g, t, mlp, cond, skip, io_dtype, index, (standins or {}).get(t.layer))
+            standin = (standins or {}).get(t.layer)
+            graph = None if standin is None else standin_graph(standin, hidden, TORCH_DTYPES[io_dtype], precision,
+                                                               opset)
+            _wrap_ffn(g, t, mlp, cond, skip, io_dtype, index, graph)
         nodes.update(t)
     nodes.add_decisions_output()
     toposort(g)
@@ -208,7 +217,7 @@ def export_ort(request: ExportRequest, progress: Progress) -> ExportReport:
                 graph_path = copy_genai_model(hf_dir, precision, tmp)
                 model = onnx.load(str(graph_path), load_external_data=False)
                 progress(f"adding the {config.policy.kind} policy and an If per skippable FFN")
-                result = add_skipping(model, runtime.policy.eval(), _standins_of(runtime))
+                result = add_skipping(model, runtime.policy.eval(), _standins_of(runtime), precision)
                 if result.if_nodes != len(config.skippable_layers):
                     raise SkipToolError(f"expected {len(config.skippable_layers)} If nodes, found {result.if_nodes}")
                 onnx.save(model, str(graph_path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -75,9 +76,23 @@ def _weight_bytes(path: Path) -> int:
 
 
 def _block_weights(source: Path, target: Path, bits: int, external: bool) -> None:
+    quantizer = _quantizer(onnx.load(str(source)), bits)
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+
+
+def _quantizer(model: onnx.ModelProto, bits: int) -> Any:
+    """ONNX Runtime's block-wise quantizer run over `model` (every MatMul weight, ``If`` branches included)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=BLOCK, is_symmetric=True,
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+    return quantizer
+
+
+def quantize_model(model: onnx.ModelProto, scheme: str) -> onnx.ModelProto:
+    """A small in-memory graph (e.g. a stand-in) quantized with the same scheme as whole exports."""
+    if scheme not in BITS:
+        raise SkipToolError(f"unknown quantization {scheme!r} (expected int8 or int4)")
+    return _quantizer(model, BITS[scheme]).model.model

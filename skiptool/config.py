@@ -15,7 +15,8 @@ from typing import Any
 from .errors import ConfigError
 from .fileio import write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: stand-ins name their kind; version 1 files (linear stand-ins only) are read too
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILENAME = "skip_config.json"
 
 
@@ -47,10 +48,12 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    """A weights file next to the config (router or stand-in) with its main hyper-parameter."""
+    """A weights file next to the config (router or stand-in) with its size (a stand-in's rank or neurons) and,
+    for a stand-in, its kind (:data:`skiptool.standins.STANDIN_KINDS`)."""
 
     path: str
     rank: int | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,9 @@ class SkipConfig:
         if not isinstance(data, dict):
             raise ConfigError("skip config must be a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"unsupported skip config schema_version {version!r} (expected {SCHEMA_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise ConfigError(f"unsupported skip config schema_version {version!r} (this skiptool reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))})")
         known = {"schema_version", "model", "policy", "cold_start", "cold_end", "warmup", "target_skip",
                  "router", "standin", "metadata"}
         unknown = sorted(set(data) - known)
@@ -233,3 +237,5 @@ def _validate(cfg: SkipConfig) -> None:
     for ref in (cfg.router, cfg.standin):
         if ref is not None and ref.rank is not None and (not _is_int(ref.rank) or ref.rank <= 0):
             raise ConfigError("artifact rank must be a positive integer")
+        if ref is not None and ref.kind is not None and (not isinstance(ref.kind, str) or not ref.kind):
+            raise ConfigError("artifact kind must be a non-empty string")

@@ -96,6 +96,8 @@ class EvalResult:
     blocks: int
     seq_len: int
     data: dict[str, Any] = field(default_factory=dict)
+    ffn_saved: float | None = None  # share of FFN weight bytes not read (stand-ins' own bytes counted)
+    ideal_speedup: float | None = None  # decode speedup from reading fewer weight bytes at that saving
     sweep: dict[str, Any] | None = None
     paths: list[Path] = field(default_factory=list)
 
@@ -105,7 +107,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ppl_dense": self.ppl_dense, "ppl_skip": self.ppl_skip, "ppl_increase": self.ppl_increase,
-                "skip_ratio": self.skip_ratio, "per_layer_skip_ratio": self.per_layer, "policy": self.policy,
+                "skip_ratio": self.skip_ratio, "ffn_saved": self.ffn_saved, "ideal_speedup": self.ideal_speedup,
+                "per_layer_skip_ratio": self.per_layer, "policy": self.policy,
                 "blocks": self.blocks, "seq_len": self.seq_len, "tokens": self.blocks * (self.seq_len - 1),
                 "data": self.data, **({"sweep": self.sweep} if self.sweep is not None else {})}
 
@@ -176,11 +179,16 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
     blocks = token_blocks(tokenizer, data, seq_len, samples)
     if config.warmup >= blocks.shape[1]:
         raise SkipToolError(f"warm-up ({config.warmup}) covers the whole sequence ({seq_len}): nothing can skip")
+    from .info import decode_weight_bytes
+
     dense = token_nll(torch_logits_fn(model), blocks, batch_size, _phase(progress, "dense"))
+    weight_bytes = decode_weight_bytes(model, adapter)
     runtime = open_runtime(model, adapter, config, threshold=router_threshold)
+    ideal = ideal_of(weight_bytes, runtime.policy)
     nll, stats = skip_nll(model, runtime, blocks, batch_size, _phase(progress, f"skip ({config.policy.kind})"))
     result = EvalResult(perplexity(dense), perplexity(nll), stats.skip_ratio, stats.per_layer(), config.policy.kind,
-                        int(blocks.shape[0]), int(blocks.shape[1]), _data_record(data))
+                        int(blocks.shape[0]), int(blocks.shape[1]), _data_record(data), stats.ffn_saved,
+                        ideal(stats.ffn_saved))
     if sweep_targets:
         ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress, calibration_samples)
         result.sweep = {**run_sweep(ctx, sweep_targets, curves), "data": result.data}
@@ -213,6 +221,16 @@ def evaluate_export(folder: str | Path, data: DataSpec, samples: int = 16, seq_l
     return EvalResult(perplexity(dense), perplexity(skip), backend.skip_ratio() or 0.0, backend.per_layer_skip(),
                       backend.manifest.policy, int(blocks.shape[0]), int(blocks.shape[1]),
                       {**_data_record(data), "onnx": str(folder)})
+
+
+def ideal_of(weight_bytes: tuple[int, int], policy: SkipPolicy) -> Callable[[float], float]:
+    """``ffn_saved -> ideal decode speedup`` for a model whose decode reads `weight_bytes` (FFN, all) per token
+    (:func:`skiptool.info.decode_weight_bytes`), under `policy` (its own weights, e.g. routers, read on top)."""
+    from .ideal import speedup_from_saved
+
+    ffn_bytes, total_bytes = weight_bytes
+    policy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    return lambda saved: speedup_from_saved(total_bytes, ffn_bytes, saved, policy_bytes)
 
 
 def _data_record(data: DataSpec) -> dict[str, Any]:
@@ -258,6 +276,13 @@ class SweepContext:
     def num_layers(self) -> int:
         return self.config.model.num_layers
 
+    @cached_property
+    def weight_bytes(self) -> tuple[int, int]:
+        """(FFN, all) weight bytes the dense model reads per decoded token."""
+        from .info import decode_weight_bytes
+
+        return decode_weight_bytes(self.model, self.adapter)
+
     @property
     def eval_seq_len(self) -> int:
         return int(self.eval_blocks.shape[1])
@@ -287,18 +312,26 @@ class SweepContext:
 
     @cached_property
     def closed_form_standins(self) -> dict[int, nn.Module]:
-        """Closed-form stand-ins: a cosine/static config's own, else fitted on the calibration blocks (at the
-        config's stand-in rank, or 16)."""
-        from .calibration.standin_fit import fit_standins
+        """Closed-form stand-ins: a cosine/static config's own, else fitted on the calibration blocks (of the
+        config's stand-in kind and size, or the default)."""
         from .runtime import load_standins
-        from .standins import DEFAULT_RANK
+        from .standins import StandInSpec
 
         cfg = self.config
         if cfg.standin is not None and cfg.policy.kind != "router":  # a router config's stand-ins are trained
             return load_standins(cfg).by_layer()
-        rank = cfg.standin.rank if cfg.standin is not None and cfg.standin.rank else DEFAULT_RANK
-        return fit_standins(self.model, self.adapter, self.calibration_blocks, cfg.skippable_layers, rank,
-                            cfg.warmup).by_layer()
+        own = StandInSpec(cfg.standin.kind or "linear", cfg.standin.rank) if cfg.standin and cfg.standin.rank else None
+        return self.standins_for(own or StandInSpec())
+
+    def standins_for(self, spec: Any) -> dict[int, nn.Module]:
+        """Closed-form stand-ins of a :class:`~skiptool.standins.StandInSpec`, fitted once on the calibration blocks."""
+        from .calibration.standin_fit import fit_standins
+
+        cache = self.__dict__.setdefault("_standins", {})
+        if spec not in cache:
+            cache[spec] = fit_standins(self.model, self.adapter, self.calibration_blocks, self.config.skippable_layers,
+                                       spec.size, self.config.warmup, spec.kind).by_layer()
+        return cache[spec]
 
 
 SWEEP_CURVES: dict[str, CurveFactory] = {}
@@ -329,26 +362,52 @@ def run_sweep(ctx: SweepContext, targets: Sequence[float],
                 points.append({"target": target, "skip_ratio": None, "ppl": None, "note": "out of reach"})
                 continue
             policy, substitutes = candidate if isinstance(candidate, tuple) else (candidate, None)
+            ideal = ideal_of(ctx.weight_bytes, policy)
             runtime = apply_skip(ctx.model, ctx.adapter, policy, substitutes)
             nll, stats = skip_nll(ctx.model, runtime, ctx.eval_blocks, ctx.batch_size,
                                   _phase(ctx.progress, f"sweep {name} @ {target:.2f}"))
             ppl = perplexity(nll)
-            points.append({"target": target, "skip_ratio": stats.skip_ratio, "ppl": ppl,
-                           "ppl_increase": ppl / ppl_dense - 1.0, "per_layer": stats.per_layer()})
+            points.append({"target": target, "skip_ratio": stats.skip_ratio, "ffn_saved": stats.ffn_saved,
+                           "ideal_speedup": ideal(stats.ffn_saved), "ppl": ppl, "ppl_increase": ppl / ppl_dense - 1.0,
+                           "per_layer": stats.per_layer()})
         out["curves"][name] = points
     return out
 
 
 def _resolve_curves(curves: Sequence[str | tuple[str, CurveFactory]]) -> list[tuple[str, CurveFactory]]:
-    resolved = []
-    for curve in curves:
-        if isinstance(curve, tuple):
-            resolved.append(curve)
-        elif curve in SWEEP_CURVES:
-            resolved.append((curve, SWEEP_CURVES[curve]))
-        else:
-            raise SkipToolError(f"unknown sweep curve {curve!r} (known: {', '.join(sorted(SWEEP_CURVES))})")
-    return resolved
+    return [curve if isinstance(curve, tuple) else (curve, curve_named(curve)) for curve in curves]
+
+
+def curve_named(name: str) -> CurveFactory:
+    """A registered curve, or ``BASE+KIND:SIZE`` (e.g. ``cosine+core:96``): a signal-free or cosine base curve with
+    closed-form stand-ins of that kind and size in place of the skipped FFNs."""
+    if name in SWEEP_CURVES:
+        return SWEEP_CURVES[name]
+    base, _, spec_text = name.partition("+")
+    if base not in STANDIN_BASES or not spec_text:
+        known = ", ".join(sorted(SWEEP_CURVES))
+        raise SkipToolError(f"unknown sweep curve {name!r} (known: {known}; or BASE+KIND:SIZE with BASE one of "
+                            f"{', '.join(STANDIN_BASES)}, e.g. cosine+core:96)")
+    from .standins import StandInSpec
+
+    spec = StandInSpec.parse(spec_text)
+    if spec is None:
+        return SWEEP_CURVES[base]
+    return lambda ctx, target: _standin_candidate(ctx, base, target, ctx.standins_for(spec))
+
+
+STANDIN_BASES = ("cosine", "static", "random")
+
+
+def _standin_candidate(ctx: SweepContext, base: str, target: float, standins: dict[int, nn.Module]) -> Candidate:
+    """`base`'s policy at `target` with `standins` in place; cosine thresholds are fitted with them in place (they
+    change later layers' saturation), as ``calibrate`` does."""
+    if base == "cosine":
+        policy = _fit_cosine_policy(ctx, target, standins)
+        return None if policy is None else (policy, standins)
+    candidate = SWEEP_CURVES[base](ctx, target)
+    policy = candidate[0] if isinstance(candidate, tuple) else candidate
+    return None if policy is None else (policy, standins)
 
 
 def parse_targets(text: str) -> list[float]:
@@ -370,21 +429,14 @@ def cosine_curve(ctx: SweepContext, target: float) -> Candidate:
 
 @register_curve("cosine+standin")
 def cosine_standin_curve(ctx: SweepContext, target: float) -> Candidate:
-    """FFN-SkipLLM with closed-form stand-ins adding their estimate where FFNs skip; the thresholds are fitted
-    with the stand-ins in place (they change later layers' saturation), as ``calibrate`` does."""
-    policy = _fit_cosine_policy(ctx, target, ctx.closed_form_standins)
-    return None if policy is None else (policy, ctx.closed_form_standins)
+    """FFN-SkipLLM with the config's closed-form stand-ins (or the default ones) in place of the skipped FFNs."""
+    return _standin_candidate(ctx, "cosine", target, ctx.closed_form_standins)
 
 
 @register_curve("static+standin")
 def static_standin_curve(ctx: SweepContext, target: float) -> Candidate:
     """The ``static`` curve's layers with closed-form stand-ins in place of their FFNs."""
-    return _with_standins(ctx, static_curve(ctx, target))
-
-
-def _with_standins(ctx: SweepContext, candidate: Candidate) -> Candidate:
-    policy = candidate[0] if isinstance(candidate, tuple) else candidate
-    return None if policy is None else (policy, ctx.closed_form_standins)
+    return _standin_candidate(ctx, "static", target, ctx.closed_form_standins)
 
 
 def _fit_cosine_policy(ctx: SweepContext, target: float,

@@ -81,6 +81,12 @@ class IdealBasis:
                 "num_skippable": self.num_skippable}
 
 
+def speedup_from_saved(total_bytes: float, ffn_bytes: float, ffn_saved: float, extra_bytes: float = 0.0) -> float:
+    """Ideal decode speedup when a share `ffn_saved` of the FFN weight bytes (`ffn_bytes` over all layers) is not
+    read, and `extra_bytes` (e.g. routers) are read on top of the dense `total_bytes` per token."""
+    return total_bytes / (total_bytes - ffn_saved * ffn_bytes + extra_bytes)
+
+
 def fraction_of_ideal(speedup: float, ideal: float) -> float:
     """A run's speedup as a fraction of the ideal speedup at its realised ratio (1.0 = ideal reached)."""
     return speedup / ideal if ideal > 0 else math.nan

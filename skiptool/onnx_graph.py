@@ -146,13 +146,16 @@ def constant(graph: GraphProto, scope: str, dtype: int, dims: list[int], values:
 
 
 def splice(graph: GraphProto, sub: ModelProto, inputs: dict[str, str], outputs: dict[str, str], prefix: str,
-           constant_scope: str, shape_proxy: str | None = None) -> None:
+           constant_scope: str, shape_proxy: str | None = None, nodes_into: list[NodeProto] | None = None,
+           weight_prefix: str | None = None) -> None:
     """Copy `sub`'s nodes and initializers into `graph`, wiring its inputs and outputs to the given names.
 
     Nodes and private values get `prefix`; small constants get content names under `constant_scope` (so
     copies spliced for many layers share them); an input only read by ``Shape`` is wired to `shape_proxy`
     (a value of the same shape for every copy), so that ONNX Runtime's common-subexpression elimination can
     share the copies' layer-independent part. Bool ``Where`` is legalised (ONNX Runtime CPU lacks it).
+    With `nodes_into` the nodes go there (e.g. an ``If`` branch) while initializers stay in `graph`; weights are
+    named under `weight_prefix` (default `prefix`), so two splices of one module can share its weights.
     """
     missing = [i.name for i in sub.graph.input if i.name not in inputs and is_used(sub.graph, i.name)]
     if missing:
@@ -162,7 +165,7 @@ def splice(graph: GraphProto, sub: ModelProto, inputs: dict[str, str], outputs: 
     rename = {**inputs, **outputs}
     existing = {i.name for i in graph.initializer}
     for init in sub.graph.initializer:
-        rename[init.name] = content_name(init, constant_scope) or f"{prefix}/{init.name}"
+        rename[init.name] = content_name(init, constant_scope) or f"{weight_prefix or prefix}/{init.name}"
         if rename[init.name] not in existing:
             existing.add(rename[init.name])
             copy = graph.initializer.add()
@@ -172,18 +175,20 @@ def splice(graph: GraphProto, sub: ModelProto, inputs: dict[str, str], outputs: 
     def name(v: str) -> str:
         return v if not v else rename.get(v, f"{prefix}/{v}")
 
+    target = graph.node if nodes_into is None else nodes_into
     for n in legalize_bool_where(sub):
         if subgraphs(n):
             raise SkipToolError("splicing graphs with subgraphs is not supported")
-        new = graph.node.add()
+        new = NodeProto()
         new.CopyFrom(n)
         new.name = f"{prefix}/{n.name or n.op_type}"
         new.input[:] = [name(v) for v in n.input]
         new.output[:] = [name(v) for v in n.output]
+        target.append(new)
     for out in sub.graph.output:  # an output that is an input or initializer itself needs an Identity
         if not any(out.name in n.output for n in sub.graph.node):
-            graph.node.append(helper.make_node("Identity", [name(out.name)], [outputs[out.name]],
-                                               name=f"{prefix}/{out.name}_identity"))
+            target.append(helper.make_node("Identity", [name(out.name)], [outputs[out.name]],
+                                           name=f"{prefix}/{out.name}_identity"))
 
 
 def _only_shape_read(graph: GraphProto, value: str) -> bool:

@@ -28,6 +28,7 @@ from .config import SkipConfig
 if TYPE_CHECKING:
     from .standins import StandIns
 from .policies import LayerSignals, SkipPolicy
+from .standins import saved_per_skip
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SkipStats:
     total_tokens: list[float] = field(default_factory=list)
     ffn_calls: list[int] = field(default_factory=list)
     ffn_calls_avoided: list[int] = field(default_factory=list)
+    saved_per_skip: list[float] = field(default_factory=list)  # per layer; set by the runtime from its stand-ins
 
     def __post_init__(self) -> None:
         self.reset()
@@ -63,8 +65,16 @@ class SkipStats:
     def per_layer(self) -> list[float]:
         return [s / t if t else 0.0 for s, t in zip(self.skipped_tokens, self.total_tokens)]
 
+    @property
+    def ffn_saved(self) -> float:
+        """The share of FFN weight bytes not read over all (layer, token) pairs: each skip saves its layer's
+        `saved_per_skip` (1 with zeros, less with a stand-in whose weights are read instead)."""
+        total = sum(self.total_tokens)
+        saved = self.saved_per_skip or [1.0] * self.num_layers
+        return sum(s * f for s, f in zip(self.skipped_tokens, saved)) / total if total else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {"skip_ratio": self.skip_ratio, "per_layer": self.per_layer(),
+        return {"skip_ratio": self.skip_ratio, "ffn_saved": self.ffn_saved, "per_layer": self.per_layer(),
                 "ffn_calls": list(self.ffn_calls), "ffn_calls_avoided": list(self.ffn_calls_avoided)}
 
 
@@ -215,6 +225,10 @@ class SkipRuntime:
             mask = torch.tensor(mask, dtype=torch.int64)
         self.controller.override = mask
 
+    def saved_per_skip(self) -> list[float]:
+        """Per layer, the share of its FFN's weights one skip saves (its stand-in's weights are read instead)."""
+        return [saved_per_skip(layer.substitute, self.adapter.mlp_parameter_count(layer.layer)) for layer in self.layers]
+
     def substitutes(self) -> dict[int, nn.Module]:
         """What skipped FFNs add, per layer, where it is not zeros (e.g. stand-ins)."""
         return {layer.index: layer.substitute for layer in self.layers if not isinstance(layer.substitute,
@@ -225,6 +239,7 @@ class SkipRuntime:
         for layer in self.layers:
             sub = (substitutes or {}).get(layer.index)
             layer.substitute = sub if sub is not None else ZeroSubstitute()
+        self.stats.saved_per_skip = self.saved_per_skip()
 
     @contextmanager
     def recording(self) -> Iterator[dict[int, Tensor]]:
@@ -263,6 +278,7 @@ def apply_skip(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy,
         sub = (substitutes or {}).get(i)
         layers[i] = SkipLayer(layer, i, adapter, controller, sub.to(device) if sub is not None else None)
     runtime = SkipRuntime(model, adapter, controller, originals)
+    controller.stats.saved_per_skip = runtime.saved_per_skip()
     _ACTIVE[model] = runtime
     return runtime
 
@@ -303,4 +319,5 @@ def load_standins(config: SkipConfig) -> "StandIns":
 
     assert config.standin is not None
     return StandIns.load(config.resolve(config.standin.path), config.model.hidden_size, config.skippable_layers,
-                         rank=config.standin.rank)
+                         rank=config.standin.rank, kind=config.standin.kind or "linear",
+                         intermediate_size=config.model.intermediate_size)

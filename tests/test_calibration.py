@@ -17,6 +17,7 @@ from skiptool.data import DataSpec, token_blocks
 from skiptool.errors import SkipToolError
 from skiptool.policies import CosineGreedy, LayerSignals
 from skiptool.runtime import SkipLayer
+from skiptool.standins import StandInSpec
 
 from conftest import tiny_llama, one_line_error
 
@@ -235,7 +236,7 @@ def test_thresholds_are_fitted_with_the_stand_ins_in_place(tiny_model_dir, tmp_p
 
     lm = load_model(str(tiny_model_dir))
     text = word_text(tmp_path / "words.txt")
-    settings = CalibrationSettings(target_skip=0.2, samples=6, seq_len=40, warmup=8, standin_rank=8)
+    settings = CalibrationSettings(target_skip=0.2, samples=6, seq_len=40, warmup=8, standin=StandInSpec("linear", 8))
     spec = DataSpec(str(text), part=(0, 0.5))
     result = calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings)
     blocks = token_blocks(lm.tokenizer, spec, 40, 6)
@@ -244,6 +245,21 @@ def test_thresholds_are_fitted_with_the_stand_ins_in_place(tiny_model_dir, tmp_p
                                   substitutes=result.standins.by_layer())
     assert with_standins.skip_ratio == pytest.approx(result.fit.skip_ratio)  # the ratio the fit reported
     assert abs(with_standins.skip_ratio - 0.2) <= 0.02
+
+
+def test_a_target_in_bytes_saved_is_realised_on_the_calibration_text(tiny_model_dir, tmp_path):
+    from skiptool.models import load_model
+    from skiptool.policies import build_policy
+
+    lm = load_model(str(tiny_model_dir))
+    text = word_text(tmp_path / "words.txt")
+    settings = CalibrationSettings(target_saved=0.2, samples=6, seq_len=40, warmup=8, standin=StandInSpec("core", 8))
+    spec = DataSpec(str(text), part=(0, 0.5))
+    result = calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings)
+    measured = measure_ratio(lm.model, lm.adapter, build_policy(result.config.evolve(base_dir=None)),
+                             token_blocks(lm.tokenizer, spec, 40, 6), substitutes=result.standins.by_layer())
+    assert measured.skip_ratio > measured.ffn_saved  # a core stand-in reads some of what a skip saves
+    assert abs(measured.ffn_saved - 0.2) <= 0.02
 
 
 # -- the command line: errors are one line, exit 1, and leave no output behind ----------------------

@@ -57,14 +57,15 @@ def tiny_config(base: Path, kind: str) -> Path:
             lin.weight.data = torch.randn(lin.weight.shape, generator=g)
         routers.save(folder / "router.safetensors")
         cfg = cfg.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5)
-    elif kind == "router+standin":
+    elif kind in ("router+standin", "router+core"):
         cfg = load_config(tiny_config(base, "router"))
-        standins = StandIns(model.config.hidden_size, 4, SKIPPABLE)
+        standin_kind = "core" if kind == "router+core" else "linear"
+        standins = StandIns(model.config.hidden_size, 4, SKIPPABLE, standin_kind, model.config.intermediate_size)
         for p in standins.parameters():
             p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.1
         standins.save(folder / "standin.safetensors")
         shutil.copy(base / "config-router" / "router.safetensors", folder / "router.safetensors")
-        cfg = cfg.evolve(standin=ArtifactRef("standin.safetensors", rank=4), base_dir=None)
+        cfg = cfg.evolve(standin=ArtifactRef("standin.safetensors", rank=4, kind=standin_kind), base_dir=None)
     elif kind == "random":
         cfg = cfg.with_policy("random", rate=0.5)
     elif kind == "forced":
@@ -146,7 +147,7 @@ def test_io_names_follow_optimum_and_skip_mask_is_optional(base):
     assert past.shape[0] == "batch_size" and past.shape[2] == "past_sequence_length"
 
 
-@pytest.mark.parametrize("kind", ["static", "cosine", "router", "router+standin"])
+@pytest.mark.parametrize("kind", ["static", "cosine", "router", "router+standin", "router+core"])
 def test_ort_matches_the_pytorch_skip_runtime_for_each_policy(base, kind):
     parity = manifest_of(tiny_export(base, kind)).checks["fp32"]
     assert parity["steps"] >= 32 and parity["prompt_tokens"] > WARMUP

@@ -289,10 +289,10 @@ def test_export_cli_rejects_an_unknown_format_in_one_line(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _standins(seed: int = 5):
+def _standins(seed: int = 5, kind: str = "linear"):
     from skiptool.standins import StandIns
 
-    standins = StandIns(HIDDEN, 4, SKIPPABLE)
+    standins = StandIns(HIDDEN, 4, SKIPPABLE, kind, 160)
     g = torch.Generator().manual_seed(seed)
     for p in standins.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.3
@@ -300,9 +300,9 @@ def _standins(seed: int = 5):
     return standins
 
 
-@pytest.mark.parametrize("kind", ["forced", "router"])
-def test_ort_graph_with_stand_ins_matches_pytorch_runtime(kind, torch_model, dense_fp32):
-    policy, standins = POLICIES[kind](), _standins().by_layer()
+@pytest.mark.parametrize("kind, standin_kind", [("forced", "linear"), ("router", "linear"), ("router", "core")])
+def test_ort_graph_with_stand_ins_matches_pytorch_runtime(kind, standin_kind, torch_model, dense_fp32):
+    policy, standins = POLICIES[kind](), _standins(kind=standin_kind).by_layer()
     _skip_graph(dense_fp32, policy, dense_fp32.parent, standins=standins)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
     stats = _compare(torch_model, policy, dense_fp32.parent / "skip.onnx", ids,
@@ -328,6 +328,22 @@ def test_signal_free_policies_decide_every_layer_at_once(dense_fp32):
     static_nodes, router_nodes = _policy_nodes(static), _policy_nodes(router)
     assert all(static_nodes[str(i)] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
     assert all(router_nodes[str(i)] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
+
+
+def test_int4_export_quantizes_the_stand_ins_inside_the_branches_too(hf_dir, tmp_path):
+    from skiptool.config import ArtifactRef
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    (tmp_path / "cfg").mkdir()
+    _standins(kind="core").save(tmp_path / "cfg" / "standins.safetensors")
+    config = dense_config(model, cold_start=1, cold_end=1, warmup=WARMUP).with_policy("static", skip_layers=[2])
+    config.evolve(standin=ArtifactRef("standins.safetensors", rank=4, kind="core")).save(tmp_path / "cfg")
+    report = run_export("ort", ExportRequest(str(hf_dir), tmp_path / "out", tmp_path / "cfg", quantize="int4"))
+    graph = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+    then_ops = [b.op_type for n in graph.graph.node if n.op_type == "If" for a in n.attribute
+                if a.name == "then_branch" for b in a.g.node]
+    assert then_ops.count("MatMulNBits") == 3 * len(SKIPPABLE) and "MatMul" not in then_ops  # gate, up, down
+    assert report.manifest.checks["int4"]["verdict"]["ok"]
 
 
 def test_export_ort_copies_stand_ins_beside_the_config(hf_dir, tmp_path):

@@ -18,6 +18,7 @@ from skiptool.config import dense_config, load_config
 from skiptool.errors import ConfigError
 from skiptool.policies import RouterPolicy, Routers, build_policy
 from skiptool.runtime import skipping
+from skiptool.standins import StandInSpec
 
 from conftest import tiny_llama
 
@@ -79,10 +80,10 @@ def test_joint_training_changes_routers_and_stand_ins_but_not_the_model(tiny_mod
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     routers = _random_routers(config.skippable_layers)
     standins = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks(2),
-                                   _settings(standin_rank=4))
+                                   _settings(standin=StandInSpec("linear", 4)))
     standins_before = {k: v.clone() for k, v in standins.state_dict().items()}
     rt.train_routers(tiny_model, adapter_for(tiny_model), config, routers, _blocks(),
-                     _settings(steps=2, standin_rank=4), standins=standins)
+                     _settings(steps=2, standin=StandInSpec("linear", 4)), standins=standins)
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     changed = [k for k, v in standins.state_dict().items() if not torch.equal(v, standins_before[k])]
     assert changed and all(k.endswith(("down.weight", "up.weight", "up.bias")) for k in changed)
@@ -96,7 +97,7 @@ def test_joint_stand_ins_start_from_the_closed_form_fit_or_from_zero(tiny_model,
     config = _config(tiny_model, warmup=4)
     blocks = _blocks(2)
     standins = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, blocks,
-                                   _settings(standin_rank=4, standin_init=init))
+                                   _settings(standin=StandInSpec("linear", 4), standin_init=init))
     x = torch.randn(3, 32)
     if init == "zero":
         assert all(torch.equal(m(x), torch.zeros_like(x)) for m in standins.by_layer().values())
@@ -104,16 +105,16 @@ def test_joint_stand_ins_start_from_the_closed_form_fit_or_from_zero(tiny_model,
         fitted = fit_standins(tiny_model, adapter_for(tiny_model), blocks, config.skippable_layers, 4, 4)
         for i, m in standins.by_layer().items():
             torch.testing.assert_close(m(x), fitted.by_layer()[i](x))
-    assert rt.initial_standins(tiny_model, adapter_for(tiny_model), config, blocks, _settings(standin_rank=0)) is None
+    assert rt.initial_standins(tiny_model, adapter_for(tiny_model), config, blocks, _settings(standin=None)) is None
 
 
 def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model, tmp_path):
     from skiptool.runtime import load_standins, open_runtime
-    from skiptool.standins import LowRankStandIn
+    from skiptool.standins import StandInSpec, LowRankStandIn
 
     config = _config(tiny_model)
     result = rt.train_router(tiny_model, adapter_for(tiny_model), config, _blocks(), tmp_path,
-                             _settings(steps=2, standin_rank=4))
+                             _settings(steps=2, standin=StandInSpec("linear", 4)))
     saved = load_config(tmp_path)
     assert saved.standin is not None and saved.standin.rank == 4
     assert result.standin_path == tmp_path / rt.TRAINED_STANDIN_FILENAME and result.standin_path.is_file()
@@ -125,7 +126,7 @@ def test_train_router_writes_trained_stand_ins_that_the_runtime_loads(tiny_model
         assert len(subs) == 4 and all(isinstance(s, LowRankStandIn) and s.rank == 4 for s in subs)
     finally:
         runtime.remove()
-    start = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks()[:2], _settings(standin_rank=4))
+    start = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks()[:2], _settings(standin=StandInSpec("linear", 4)))
     assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(),
                                                       load_standins(saved).state_dict().values()))  # trained
 
@@ -136,11 +137,11 @@ def test_without_trained_stand_ins_a_base_configs_own_are_copied_beside_the_rout
     base_dir = tmp_path / "base"
     base_dir.mkdir()
     config = _config(tiny_model)
-    fitted = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks(2), _settings(standin_rank=4))
+    fitted = rt.initial_standins(tiny_model, adapter_for(tiny_model), config, _blocks(2), _settings(standin=StandInSpec("linear", 4)))
     fitted.save(base_dir / "standin.safetensors")
     config = config.evolve(standin=ArtifactRef("standin.safetensors", 4), base_dir=base_dir)
     rt.train_router(tiny_model, adapter_for(tiny_model), config, _blocks(), tmp_path / "out",
-                    _settings(steps=1, standin_rank=0))
+                    _settings(steps=1, standin=None))
     saved = load_config(tmp_path / "out")
     assert saved.standin == ArtifactRef("standin.safetensors", 4)
     assert (tmp_path / "out" / "standin.safetensors").read_bytes() == (base_dir / "standin.safetensors").read_bytes()
@@ -150,10 +151,10 @@ def test_a_stand_in_rank_above_the_hidden_size_or_a_block_inside_the_warm_up_is_
                                                                                                  tmp_path):
     with pytest.raises(ConfigError, match="rank"):
         rt.train_router(tiny_model, adapter_for(tiny_model), _config(tiny_model), _blocks(), tmp_path,
-                        _settings(standin_rank=64))
+                        _settings(standin=StandInSpec("linear", 64)))
     with pytest.raises(ConfigError):
         rt.train_router(tiny_model, adapter_for(tiny_model), _config(tiny_model, warmup=32), _blocks(), tmp_path,
-                        _settings(standin_rank=4))
+                        _settings(standin=StandInSpec("linear", 4)))
     assert not (tmp_path / "skip_config.json").exists()
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from skiptool.adapters import adapter_for
-from skiptool.errors import ConfigError
+from skiptool.errors import ConfigError, SkipToolError
 from skiptool.policies import StaticMask
 from skiptool.runtime import skipping
-from skiptool.standins import StandIns, reduced_rank_fit
+from skiptool.standins import StandIns, StandInSpec, reduced_rank_fit
 from skiptool.calibration.standin_fit import MomentAccumulator, fit_standins
 
 LAYERS, SKIPPABLE = 6, [1, 2, 3, 4]
@@ -69,7 +69,7 @@ def test_skipped_layers_add_exactly_the_standin_output(tiny_model):
 def test_fit_standins_on_a_tiny_model_beats_zero(tiny_model):
     blocks = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(3))
     adapter = adapter_for(tiny_model)
-    standins = fit_standins(tiny_model, adapter, blocks, SKIPPABLE, rank=8, warmup=2)
+    standins = fit_standins(tiny_model, adapter, blocks, SKIPPABLE, 8, warmup=2)
     layer = adapter.decoder_layers(tiny_model)[2]
     seen = {}
     h = adapter.mlp_of(layer).register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
@@ -112,7 +112,7 @@ def test_stand_ins_lower_demo_perplexity_at_a_fixed_forced_skip_mask(demo):
     layers, warmup = list(range(2, 28)), 32
     fit_blocks = token_blocks(demo.tokenizer, DataSpec(part=(0.0, 0.5)), 256, 16)  # fewer tokens overfit
     eval_blocks = token_blocks(demo.tokenizer, DataSpec(part=(0.5, 1.0)), 256, 2)
-    standins = fit_standins(demo.model, demo.adapter, fit_blocks, layers, rank=16, warmup=warmup)
+    standins = fit_standins(demo.model, demo.adapter, fit_blocks, layers, 16, warmup=warmup)
     policy = StaticMask(30, layers, warmup, skip_layers=[12, 16, 20, 24])
     dense = perplexity(token_nll(torch_logits_fn(demo.model), eval_blocks))
     plain_nll, plain_stats = skip_nll(demo.model, apply_skip(demo.model, demo.adapter, policy), eval_blocks)
@@ -122,3 +122,73 @@ def test_stand_ins_lower_demo_perplexity_at_a_fixed_forced_skip_mask(demo):
     plain, with_standins = perplexity(plain_nll), perplexity(with_nll)
     assert dense < with_standins < plain
     assert (with_standins - dense) < 0.9 * (plain - dense)  # at least a tenth of the damage recovered
+
+
+# -- kinds, sizes and what a skip saves ------------------------------------------------------------------
+def test_stand_in_specs_parse_kind_and_size_and_check_them_against_the_model():
+    from skiptool.standins import StandInSpec
+
+    assert StandInSpec.parse("core:96") == StandInSpec("core", 96)
+    assert StandInSpec.parse("16") == StandInSpec("linear", 16) and StandInSpec.parse("none") is None
+    for bad, message in (("core:x", "KIND:SIZE"), ("magic:3", "unknown stand-in kind"), ("core:0", "at least 1")):
+        with pytest.raises(SkipToolError, match=message):
+            StandInSpec.parse(bad)
+    with pytest.raises(ConfigError, match="neuron count must be between 1 and 64"):
+        StandInSpec("core", 65).check(32, 64)
+
+
+def test_a_skip_saves_the_ffn_bytes_its_stand_in_does_not_read():
+    from skiptool.standins import CoreStandIn, LowRankStandIn, saved_per_skip, skip_target
+
+    ffn = 3 * 32 * 64
+    assert saved_per_skip(None, ffn) == 1.0
+    assert saved_per_skip(LowRankStandIn(32, 4), ffn) == pytest.approx(1 - (2 * 32 * 4 + 32) / ffn)
+    assert saved_per_skip(CoreStandIn(32, 8, 64), ffn) == pytest.approx(1 - (3 * 32 * 8 + 32) / ffn)
+    # saving 25 % of the FFN bytes with core:8 stand-ins needs a little more than 25 % of the FFNs skipped
+    assert skip_target(0.25, StandInSpec("core", 8), 32, ffn) == pytest.approx(0.25 / (1 - (3 * 32 * 8 + 32) / ffn))
+
+
+def test_ffn_saved_counts_each_skip_at_its_layers_saving(tiny_model):
+    from skiptool.standins import LowRankStandIn, saved_per_skip
+
+    adapter = adapter_for(tiny_model)
+    standin = LowRankStandIn(32, 4)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(9))
+    with skipping(tiny_model, adapter, StaticMask(LAYERS, SKIPPABLE, 0, [2, 3]), {2: standin}) as rt:
+        tiny_model(ids)
+        ffn = adapter.mlp_parameter_count(adapter.decoder_layers(tiny_model)[0].layer)
+        expected = (1 * saved_per_skip(standin, ffn) + 1 * 1.0) / LAYERS  # layer 2 with a stand-in, layer 3 zeros
+        assert rt.stats.skip_ratio == pytest.approx(2 / LAYERS)
+        assert rt.stats.ffn_saved == pytest.approx(expected)
+
+
+def test_core_stand_ins_keep_the_ffns_own_neurons_and_beat_zeros(tiny_model):
+    from skiptool.standins import CoreStandIn
+
+    blocks = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    adapter = adapter_for(tiny_model)
+    standins = fit_standins(tiny_model, adapter, blocks, SKIPPABLE, 16, warmup=2, kind="core")
+    core = standins.maps["2"]
+    mlp = adapter.mlp_of(adapter.decoder_layers(tiny_model)[2])
+    assert isinstance(core, CoreStandIn) and core.size == 16
+    rows = {tuple(r.tolist()) for r in mlp.gate_proj.weight}
+    assert all(tuple(r.tolist()) in rows for r in core.gate.weight)  # the FFN's own gate rows
+    seen = {}
+    h = mlp.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    tiny_model(blocks[:1])
+    h.remove()
+    err = (core(seen["x"]) - seen["y"]).pow(2).mean()
+    assert err < 0.9 * seen["y"].pow(2).mean()
+
+
+def test_core_stand_ins_round_trip_and_refuse_another_kind(tmp_path):
+    standins = StandIns(32, 8, SKIPPABLE, "core", 64)
+    for p in standins.parameters():
+        p.data.normal_()
+    path = standins.save(tmp_path / "core.safetensors")
+    loaded = StandIns.load(path, 32, SKIPPABLE, rank=8, kind="core", intermediate_size=64)
+    assert loaded.kind == "core" and loaded.spec == StandInSpec("core", 8)
+    for a, b in zip(standins.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="do not match"):
+        StandIns.load(path, 32, SKIPPABLE, kind="linear")

@@ -33,8 +33,11 @@ def calibrate(
     cold_end: Optional[int] = typer.Option(None, "--cold-end", min=0, help="Layers at the end that never skip "
                                            "(default: chosen from the statistics)."),
     threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles."),
-    stand_in: int = typer.Option(16, "--stand-in", min=0, help="Rank of closed-form low-rank stand-ins that replace "
-                                 "skipped FFNs (0 = none)."),
+    stand_in: str = typer.Option("linear:16", "--stand-in", help="Closed-form stand-ins that replace skipped FFNs: "
+                                 "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none."),
+    target_saved: Optional[float] = typer.Option(None, "--target-saved", help="Instead of --target-skip: the share "
+                                                 "of FFN weight bytes to save (a skip saves 1 - the stand-in's share "
+                                                 "of the FFN's weights), in (0, 1)."),
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the layer statistics as JSON instead of a table."),
 ) -> None:
@@ -48,10 +51,12 @@ def calibrate(
     """
     from ..calibration.fit import CalibrationSettings, run_calibrate
     from ..plots import plot_layer_stats
+    from ..standins import StandInSpec
 
     settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len, warmup=warmup,
                                    greedy_k=greedy_k, cold_start=cold_start, cold_end=cold_end,
-                                   threshold_mode=threshold_mode, standin_rank=stand_in)
+                                   threshold_mode=threshold_mode, standin=StandInSpec.parse(stand_in),
+                                   target_saved=target_saved)
     with phase_progress() as progress:
         result = run_calibrate(model, data_spec(data, field, split, part), settings, output, device,
                                plot_layer_stats, progress)
@@ -78,6 +83,8 @@ def train_router(
     part: str = typer.Option("0:0.5", "--part", help="Fractions START:END of the text to train on."),
     target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=0.99,
                                       help="Realised share of all FFN blocks to skip (all layers and positions)."),
+    target_saved: Optional[float] = typer.Option(None, "--target-saved", help="Instead of --target-skip: the share "
+                                                 "of FFN weight bytes to save, in (0, 1)."),
     steps: int = typer.Option(120, "--steps", min=0, help="Training steps (one block each; ~25 min on 2 CPU cores "
                               "for the demo model)."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0),
@@ -87,8 +94,9 @@ def train_router(
                                               "(default: refit to the target)."),
     estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste or gumbel."),
     penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
-    stand_in: int = typer.Option(16, "--stand-in", min=0, help="Rank of low-rank stand-ins trained jointly with the "
-                                 "routers (0 = none; a base config's own stand-ins are then kept as they are)."),
+    stand_in: str = typer.Option("linear:16", "--stand-in", help="Stand-ins trained jointly with the routers: "
+                                 "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none (a base config's own "
+                                 "stand-ins are then kept as they are)."),
     stand_in_init: str = typer.Option("closed-form", "--stand-in-init", help="Start the stand-ins from the "
                                       "closed-form fit (closed-form) or from zero (zero)."),
     stand_in_lr: float = typer.Option(1e-3, "--stand-in-lr", min=0.0),
@@ -99,10 +107,12 @@ def train_router(
     """Train DiffSkip routers (LLM frozen), with low-rank stand-ins, to a target skip ratio; writes a router skip
     config (routers, stand-ins and config appear together or not at all)."""
     from ..calibration.router_train import RouterTrainSettings, run_train_router
+    from ..standins import StandInSpec
 
     settings = RouterTrainSettings(target_skip=target_skip, steps=steps, lr=lr, seq_len=seq_len,
                                    batch_size=batch_size, penalty=penalty, estimator=estimator, threshold=threshold,
-                                   seed=seed, device=device, standin_rank=stand_in, standin_init=stand_in_init,
+                                   seed=seed, device=device, standin=StandInSpec.parse(stand_in),
+                                   standin_init=stand_in_init, target_saved=target_saved,
                                    standin_lr=stand_in_lr)
     with phase_progress() as progress:
         def on_step(step: int, r: dict[str, float]) -> None:
