@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """FFN skipping on the GPU decode path (issue 16): graphed device decisions against dense and against host syncs.
 
-For each model shape (random weights: speed does not depend on them) and batch size, one row per variant:
+For each model shape (``load_model("random:<shape>")``: random weights, speed does not depend on them) and batch
+size, one row per variant:
 dense (graphed), skipping with the decisions on the device (one CUDA graph per step) at forced 0/10/25/50 % of
 all FFNs, with a rank-16 stand-in, and with random routers tuned to skip about 25 %; and the host-sync variant
 (each layer's decision read with ``.item()``, the segments between reads graphed, and once eagerly). Each row:
 tokens/s, median ms per step, speedup over dense, the realised skip ratios (tokens; FFN calls avoided), the ideal
 speedup at that ratio and the fraction reached, the bytes read per step, the bandwidth achieved and its share of
-a measured device copy.
+a measured device copy. The engine is driven directly (batch 8, greedy on the device, no host read per step);
+``skiptool bench --device cuda`` measures the same engine at batch 1 through the product's decode loop.
 
 On the H200 (under 5 minutes; rows past ``--budget-s`` are skipped, an erroring row is recorded and the rest run;
 offline, so no build isolation, or no install at all with ``PYTHONPATH=.``)::
@@ -37,13 +39,17 @@ from typing import Any
 
 import torch
 
+from skiptool.accelerators import check_device
 from skiptool.adapters import adapter_for
-from skiptool.ideal import forced_mask, fraction_of_ideal
+from skiptool.bench import forced_run
 from skiptool.config import dense_config
-from skiptool.gpu import (DecodeEngine, DecodeTiming, achieved_bandwidth, build_random_llama, copy_bandwidth,
-                          decode_basis, require_cuda, time_decode, triton_available)
-from skiptool.policies import NeverSkip, RouterPolicy, Routers, SkipPolicy
-from skiptool.standins import LowRankStandIn
+from skiptool.gpu import DecodeEngine, DecodeTiming, achieved_bandwidth, copy_bandwidth, decode_basis, time_decode
+from skiptool.gpu.kernels import triton_available
+from skiptool.ideal import fraction_of_ideal
+from skiptool.models import load_model
+from skiptool.policies import RouterPolicy, Routers, SkipPolicy
+from skiptool.runtime import policy_and_substitutes
+from skiptool.standins import StandIns
 
 ROUTER_TARGET = 0.25
 STANDIN_RANK = 16
@@ -88,10 +94,6 @@ class Settings:
     budget_s: float
     copy_bytes: int
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
 
 def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,19 +111,22 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
     out = Path(args.out)
     if args.smoke:
         return Settings("cpu", "float32", ["tiny"], [1, 2], 8, 4, 1, 2, 120.0, 1 << 23), out
-    device = str(require_cuda())
-    return Settings(device, args.dtype, args.shapes.split(","), [int(b) for b in args.batches.split(",")],
+    check_device("cuda")
+    return Settings("cuda", args.dtype, args.shapes.split(","), [int(b) for b in args.batches.split(",")],
                     args.prompt_len, args.steps, args.repeats, args.warmup_steps, args.budget_s, 1 << 30), out
 
 
 def make_policy(model: torch.nn.Module, variant: Variant) -> tuple[SkipPolicy, list[int] | None]:
-    """The policy and override of a variant; skippable layers are the default config's (cold ends excluded)."""
-    layers = model.config.num_hidden_layers
-    skippable = dense_config(model, warmup=0).skippable_layers
+    """The policy and override of a variant: forced runs as ``skiptool bench`` makes them (the default config,
+    whose skippable layers exclude the cold ends), or random routers tuned to skip about the variant's ratio."""
+    base = dense_config(model)
     if variant.policy == "router":
-        return random_router_policy(layers, skippable, model.config.hidden_size, variant.ratio or 0.0), None
-    policy = NeverSkip(layers, skippable, warmup=0)
-    return policy, forced_mask(layers, skippable, variant.ratio) if variant.policy == "forced" else None
+        policy = random_router_policy(base.model.num_layers, base.skippable_layers, model.config.hidden_size,
+                                      variant.ratio or 0.0)
+        return policy, None
+    config, mask = forced_run(base, variant.ratio or 0.0)
+    policy, _ = policy_and_substitutes(model, config)
+    return policy, mask if variant.policy == "forced" else None
 
 
 def random_router_policy(num_layers: int, skippable: list[int], hidden: int, target: float) -> RouterPolicy:
@@ -137,9 +142,8 @@ def random_router_policy(num_layers: int, skippable: list[int], hidden: int, tar
 
 
 def random_standins(model: torch.nn.Module, layers: list[int], rank: int) -> dict[int, torch.nn.Module]:
-    """Rank-`rank` stand-ins with random weights (their values do not change the speed)."""
-    hidden = model.config.hidden_size
-    standins = {i: LowRankStandIn(hidden, rank) for i in layers}
+    """Rank-`rank` linear stand-ins with random weights (their values do not change the speed)."""
+    standins = StandIns(model.config.hidden_size, rank, layers).by_layer()
     for standin in standins.values():
         torch.nn.init.normal_(standin.up.weight, std=0.02)
     return standins
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in settings.shapes:
         model, model_error = None, None
         try:
-            model = build_random_llama(shape, device, settings.torch_dtype)
+            model = load_model(f"random:{shape}", settings.dtype, settings.device, needs_tokenizer=False).model
         except Exception as exc:  # noqa: BLE001 - the other shapes still run
             model_error = f"building {shape}: {type(exc).__name__}: {exc}"
         for batch in settings.batches:

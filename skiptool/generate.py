@@ -9,9 +9,10 @@ agreement all use it, so every backend is measured the same way.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -114,34 +115,61 @@ class _Stream:
 
 def generate(lm: Any, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, raw: bool = False,
-             on_text: Callable[[str], None] | None = None) -> DecodeResult:
-    """Generate with a loaded model (:class:`skiptool.models.LoadedModel`) as it is now — dense, or under the
-    runtime :func:`skiptool.open_runtime` opened on it (whose decode-step skip ratio the result reports)."""
+             on_text: Callable[[str], None] | None = None, backend: Any = None) -> DecodeResult:
+    """Generate with a loaded model (:class:`skiptool.models.LoadedModel`) through `backend`; by default PyTorch
+    eager on the model as it is now — dense, or under the runtime :func:`skiptool.open_runtime` opened on it
+    (whose decode-step skip ratio the result reports)."""
     from .backends.torch_backend import TorchBackend
     from .models import eos_token_ids
 
     ids = encode_prompt(lm.tokenizer, prompt, raw) if isinstance(prompt, str) else list(prompt)
-    return decode(TorchBackend(lm.model, lm.adapter), ids, max_new_tokens, Sampler(temperature, top_p, seed),
-                  set(eos_token_ids(lm)), lm.tokenizer, on_text)
+    return decode(backend or TorchBackend(lm.model, lm.adapter), ids, max_new_tokens,
+                  Sampler(temperature, top_p, seed), set(eos_token_ids(lm)), lm.tokenizer, on_text)
 
 
 def run_generate(source: str, prompt: str, config_path: str | Path | None = None, device: str = "cpu",
-                 router_threshold: float | None = None, **options: Any) -> tuple[DecodeResult, str]:
-    """``skiptool generate``: load `source`, apply the skip config (if any) and generate; (result, policy kind)."""
+                 router_threshold: float | None = None, dtype: str | None = None, raw: bool = False,
+                 max_new_tokens: int = 64, **options: Any) -> tuple[DecodeResult, str]:
+    """``skiptool generate``: load `source` and generate with the skip config (if any); (result, policy kind).
+
+    On a CPU the PyTorch eager runtime decodes; on CUDA the GPU decode path (:class:`~skiptool.gpu.EngineBackend`:
+    a static KV cache, the decisions on the device, each step one CUDA graph). `dtype` None: fp32 on a CPU, bf16
+    on CUDA."""
     from .accelerators import check_device
     from .config import load_config
-    from .models import load_model
+    from .models import decode_dtype, load_model
     from .policies import check_policy
-    from .runtime import open_runtime
 
     check_device(device)
     config = load_config(config_path) if config_path is not None else None
     if config is not None:
         check_policy(config, threshold=router_threshold)
-    lm = load_model(source, device=device)
-    runtime = open_runtime(lm.model, lm.adapter, config, threshold=router_threshold) if config is not None else None
+    lm = load_model(source, decode_dtype(device, dtype), device)
+    ids = encode_prompt(lm.tokenizer, prompt, raw)
+    overrides = {"threshold": router_threshold}
+    with decode_backend(lm, config, device, len(ids) + max_new_tokens, overrides) as backend:
+        result = generate(lm, ids, max_new_tokens, backend=backend, **options)
+    return result, config.policy.kind if config is not None else "dense"
+
+
+@contextmanager
+def decode_backend(lm: Any, config: Any, device: str, max_len: int,
+                   policy_overrides: dict[str, Any] | None = None) -> Iterator[Any]:
+    """The decode backend ``generate`` uses on `device`: on CUDA the GPU decode path (decisions on the device, each
+    step one CUDA graph; dense without a config); on a CPU, PyTorch eager under the config's runtime (taken off the
+    model again afterwards). `max_len` bounds prompt plus new tokens."""
+    from .backends.torch_backend import TorchBackend
+    from .runtime import open_runtime
+
+    if device.startswith("cuda"):
+        from .gpu.backend import EngineBackend
+
+        yield EngineBackend(lm.model, lm.adapter, config, ffn_mode="device" if config is not None else "dense",
+                            max_len=max_len, policy_overrides=policy_overrides)
+        return
+    runtime = open_runtime(lm.model, lm.adapter, config, **(policy_overrides or {})) if config is not None else None
     try:
-        return generate(lm, prompt, **options), config.policy.kind if config is not None else "dense"
+        yield TorchBackend(lm.model, lm.adapter)
     finally:
         if runtime is not None:
             runtime.remove()

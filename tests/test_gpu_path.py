@@ -1,5 +1,6 @@
 """The GPU decode path, checked on the CPU: the Triton kernels (interpreted, and compiled ahead for Hopper), the
-decode engine's CPU fallback against the PyTorch eager runtime, the benchmark's smoke mode, and the CUDA check."""
+decode engine's CPU fallback against the PyTorch eager runtime, the engine as a decode backend in the product
+(generate, bench), random-weight models as a model source, the benchmark's smoke mode, and the CUDA check."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from typer.testing import CliRunner
+
+from conftest import one_line_error
+from skiptool.accelerators import require_cuda
 from skiptool.adapters import adapter_for
-from skiptool.errors import ConfigError, MissingDependencyError, SkipToolError
-from skiptool.gpu import DecodeEngine, build_random_llama, require_cuda
+from skiptool.backends.torch_backend import TorchBackend
+from skiptool.bench import BenchRequest, Measurement, cuda_specs, measure, plan_runs, summarise
+from skiptool.cli import app
+from skiptool.config import ArtifactRef, ModelIdentity, SkipConfig, dense_config, load_config
+from skiptool.errors import ConfigError, MissingDependencyError, ModelLoadError, SkipToolError
+from skiptool.generate import decode, decode_backend
+from skiptool.gpu import DecodeEngine, EngineBackend
 from skiptool.gpu.kernels import gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn
 from skiptool.gpu.weights import FFNWeights, LowRankWeights
+from skiptool.models import NO_TOKENIZER, load_model
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask
 from skiptool.runtime import apply_skip
+from skiptool.shapes import SHAPES, build_random_llama
 from skiptool.standins import LowRankStandIn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +296,186 @@ def test_engine_stays_eager_on_a_cpu(tiny):
 
 
 # ------------------------------------------------------------------------------------------------
-# (c) The benchmark's smoke mode; (d) asking for CUDA without one
+# (c) The engine as a decode backend: the one decode loop, generate and bench
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def configs(tiny, tmp_path_factory) -> dict[str, SkipConfig]:
+    """A static and a router skip config for the tiny model (skippable layers 1-4, no warm-up)."""
+    folder = tmp_path_factory.mktemp("configs")
+    base = dense_config(tiny, cold_start=1, cold_end=1, warmup=0)
+    _random_routers(tiny.config.hidden_size).save(folder / "router.safetensors")
+    router = base.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5)
+    return {"static": base.with_policy("static", skip_layers=[2, 4]), "router": load_config(router.save(folder))}
+
+
+def _prompt(vocab: int) -> list[int]:
+    return _token_ids(1, vocab)[0, :PROMPT].tolist()
+
+
+def _torch_decode(model, config):
+    """Greedy decode through the PyTorch eager backend; the result and its FFN counters."""
+    backend = TorchBackend(model, adapter_for(model), config)
+    try:
+        return decode(backend, _prompt(model.config.vocab_size), STEPS), backend.ffn_counters()
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("ffn_mode", ["device", "host"])
+@pytest.mark.parametrize("kind", ["static", "router"])
+def test_engine_backend_decodes_like_the_torch_backend_through_the_one_decode_loop(tiny, configs, kind, ffn_mode):
+    expected, expected_counters = _torch_decode(tiny, configs[kind])
+    backend = EngineBackend(tiny, adapter_for(tiny), configs[kind], ffn_mode=ffn_mode, max_len=PROMPT + STEPS)
+    result = decode(backend, _prompt(tiny.config.vocab_size), STEPS)
+    assert result.token_ids == expected.token_ids
+    assert result.per_layer_skip == pytest.approx(expected.per_layer_skip)
+    assert 0 < result.skip_ratio < 1 and result.skip_ratio == pytest.approx(expected.skip_ratio)
+    assert backend.ffn_counters() == expected_counters
+    again = decode(backend, _prompt(tiny.config.vocab_size), STEPS)  # reset reuses the engine and its cache
+    assert again.token_ids == result.token_ids and again.skip_ratio == pytest.approx(result.skip_ratio)
+
+
+def test_dense_engine_backend_decodes_like_the_unwrapped_model(tiny):
+    expected, _ = _torch_decode(tiny, None)
+    backend = EngineBackend(tiny, adapter_for(tiny), ffn_mode="dense", max_len=PROMPT + STEPS)
+    result = decode(backend, _prompt(tiny.config.vocab_size), STEPS)
+    assert (backend.mode, backend.precision) == ("dense", "fp32")
+    assert result.token_ids == expected.token_ids and result.skip_ratio == 0.0 and result.per_layer_skip is None
+
+
+def test_engine_backend_captures_the_decode_step_once_and_replays_it_for_later_sequences(tiny, configs,
+                                                                                          monkeypatch):
+    import skiptool.gpu.decoder as decoder
+
+    captures = []
+    monkeypatch.setattr(decoder, "_captured", _ReplayingGraph)
+    monkeypatch.setattr(DecodeEngine, "capture", lambda engine: captures.append(engine._capture_graphs()))
+    expected, _ = _torch_decode(tiny, configs["router"])
+    backend = EngineBackend(tiny, adapter_for(tiny), configs["router"], max_len=PROMPT + STEPS)
+    results = [decode(backend, _prompt(tiny.config.vocab_size), STEPS) for _ in range(2)]
+    assert len(captures) == 1 and backend.graphed == "whole"
+    assert [r.token_ids for r in results] == [expected.token_ids] * 2
+
+
+def test_generate_decodes_through_the_engine_on_cuda_and_through_the_eager_runtime_on_a_cpu(configs):
+    lm = load_model("random:tiny", needs_tokenizer=False)
+    with decode_backend(lm, configs["static"], "cuda", max_len=32) as on_cuda:
+        assert isinstance(on_cuda, EngineBackend) and on_cuda.engine.mode == "device"
+    with decode_backend(lm, None, "cuda", max_len=32) as dense_on_cuda:
+        assert dense_on_cuda.engine.mode == "dense"
+    with decode_backend(lm, configs["static"], "cpu", max_len=32) as on_cpu:
+        assert isinstance(on_cpu, TorchBackend) and on_cpu.mode == "skip"  # under the config's runtime
+    assert not any(type(layer).__name__ == "SkipLayer" for layer in lm.model.model.layers)
+
+
+def test_the_eager_runtime_moves_stand_ins_to_the_model_s_device():
+    """Stand-ins load on the CPU; on ``--device cuda`` the eager runtime (eval, bench's eager runs) must find them
+    beside the model ("meta" stands in for a GPU here: nothing runs)."""
+    model = build_random_llama("tiny").to("meta")
+    standins = _random_standins(model.config.hidden_size)
+    runtime = apply_skip(model, adapter_for(model), NeverSkip(LAYERS, SKIPPABLE, 0), standins)
+    runtime.remove()
+    assert {p.device.type for s in standins.values() for p in s.parameters()} == {"meta"}
+
+
+def test_bench_adds_the_gpu_runs_on_cuda_only():
+    lm = load_model("random:tiny", needs_tokenizer=False)
+    backends = {device: {spec.backend for spec in plan_runs(BenchRequest("random:tiny", skip_ratios=[0.25],
+                                                                         peers=False, device=device),
+                                                            lm, None, 1, 32)}
+                for device in ("cpu", "cuda")}
+    assert backends == {"cpu": {"torch"}, "cuda": {"torch", "torch-cuda-graph"}}
+
+
+def test_bench_gpu_runs_pair_with_the_graphed_dense_run_and_decide_alike_on_device_and_host(tiny, configs):
+    specs = cuda_specs(tiny, adapter_for(tiny), configs["static"], [0.5], max_length=PROMPT + STEPS)
+    measurement = Measurement([_prompt(tiny.config.vocab_size)], new_tokens=4, repeats=1, warmup=0)
+    rows = {row["label"]: row for row in summarise(measure(specs, measurement))}
+    assert sorted(rows) == sorted([
+        "torch-cuda-graph fp32 dense", "torch-cuda-graph fp32 skip (static)", "torch-cuda-graph fp32 skip 50% forced",
+        "torch-cuda-graph fp32 skip (static) (host sync)", "torch-cuda-graph fp32 skip 50% forced (host sync)"])
+    for label, row in rows.items():
+        if row["mode"] == "skip":
+            assert row["speedup"] > 0 and row["ideal_speedup"] > 1 and row["ideal_basis"]["num_layers"] == LAYERS
+            assert row["skip_ratio"] == pytest.approx(rows[label.removesuffix(" (host sync)")]["skip_ratio"])
+    assert rows["torch-cuda-graph fp32 skip (static)"]["skip_ratio"] == pytest.approx(2 / 6)
+    assert rows["torch-cuda-graph fp32 skip 50% forced (host sync)"]["settings"]["ffn_mode"] == "host"
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) Random-weight models as a model source
+# ------------------------------------------------------------------------------------------------
+def test_a_random_model_has_the_named_shape_and_dtype_and_no_tokenizer():
+    lm = load_model("random:tiny", dtype="bf16", needs_tokenizer=False)
+    shape = SHAPES["tiny"]
+    assert lm.tokenizer is None and lm.adapter.family == "llama"
+    assert (lm.config.num_hidden_layers, lm.config.hidden_size, lm.config.vocab_size) == \
+        (shape.num_layers, shape.hidden, shape.vocab)
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_random_model_can_be_built_from_a_llama_shaped_config_json(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    lm = load_model(f"random:{tmp_path / 'config.json'}", needs_tokenizer=False)
+    assert lm.adapter.family == "qwen2" and lm.config.hidden_size == 32 and lm.tokenizer is None
+
+
+def test_a_random_model_of_an_unknown_shape_or_architecture_is_refused(tmp_path):
+    from transformers import AutoConfig
+
+    with pytest.raises(ModelLoadError, match="neither a known shape"):
+        load_model("random:13b", needs_tokenizer=False)
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'gpt2'"):
+        load_model(f"random:{tmp_path}", needs_tokenizer=False)
+
+
+COMMANDS = {  # each command on the tiny random model, writing (if it ever does) under {out}
+    "generate": ["generate", "random:tiny", "-p", "hi"],
+    "eval": ["eval", "random:tiny", "--config", "{config}", "-o", "{out}"],
+    "calibrate": ["calibrate", "random:tiny", "-o", "{out}"],
+    "train-router": ["train-router", "random:tiny", "-o", "{out}"],
+    "export": ["export", "random:tiny", "-o", "{out}"],
+    "bench": ["bench", "random:tiny", "--no-peers", "--json", "{out}/bench.json"],
+}
+
+
+def _cli(command: str, tmp_path: Path, *options: str):
+    """Run a command of :data:`COMMANDS` with `{out}` (a folder that does not exist yet) and `{config}` (a skip
+    config) filled in."""
+    config = SkipConfig(ModelIdentity("llama", 6, 64, 128)).save(tmp_path / "config")
+    args = [a.format(out=tmp_path / "out", config=config) for a in COMMANDS[command]]
+    return CliRunner().invoke(app, [*args, *options])
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "calibrate", "train-router", "export"])
+def test_commands_that_need_text_refuse_a_random_model_in_one_line_and_write_nothing(command, tmp_path):
+    one_line_error(_cli(command, tmp_path), NO_TOKENIZER)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_on_a_random_model_decodes_random_prompt_ids_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "random:tiny", "--skip-ratio", "0.5", "-n", "4", "--repeats", "1",
+                                      "--prompt-tokens", "8", "--no-peers", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [run["label"] for run in report["runs"]] == ["torch fp32 dense", "torch fp32 skip 50% forced"]
+    assert report["settings"]["prompt_tokens"] == [8] and report["settings"]["dtype"] == "fp32"
+    assert all(run["tokens_per_s"] > 0 for run in report["runs"])
+
+
+@pytest.mark.parametrize("option", [["--quality"], ["--data", "builtin:wikitext2-sample"]])
+def test_bench_refuses_text_options_for_a_random_model_in_one_line(option, tmp_path):
+    one_line_error(_cli("bench", tmp_path, *option), NO_TOKENIZER)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) The benchmark's smoke mode; (f) asking for CUDA without one
 # ------------------------------------------------------------------------------------------------
 def test_gpu_bench_smoke_runs_every_variant_and_writes_json(tmp_path):
     out = tmp_path / "gpu_bench.json"
@@ -306,3 +497,10 @@ def test_require_cuda_without_a_gpu_raises_one_clear_error(monkeypatch):
     with pytest.raises(SkipToolError, match="needs an NVIDIA GPU") as raised:
         require_cuda()
     assert isinstance(raised.value, MissingDependencyError)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "bench", "calibrate", "train-router"])
+def test_device_cuda_without_a_gpu_is_one_error_line_and_writes_nothing(command, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(_cli(command, tmp_path, "--device", "cuda"), "needs an NVIDIA GPU")
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,8 @@ The parts, lower first (each imports only those listed before it):
   :class:`IdealBasis`, ONNX graph bytes and precision;
 - :mod:`.request` — :class:`BenchRequest`, what ``skiptool bench`` was asked;
 - :mod:`.harness` — :class:`RunSpec`, :class:`RunResult`, :class:`Measurement` and the round-robin :func:`measure`;
-- :mod:`.plans` — which runs to make: PyTorch, ONNX Runtime exports, peers (:func:`plan_runs`);
+- :mod:`.plans` — which runs to make: PyTorch eager, the GPU decode path on CUDA, ONNX Runtime exports, peers
+  (:func:`plan_runs`);
 - :mod:`.report` — :func:`summarise`, the rich table, the PNG plot, the Markdown table;
 - :mod:`.run` — :func:`run_bench`, the whole benchmark.
 
@@ -33,18 +34,18 @@ from .harness import (DEFAULT_NEW_TOKENS, MaskedView, Measurement, RunResult, Ru
                       backend_perplexity, measure, peak_rss_mib, progress_steps, rss_mib, shared)
 from ..ideal import (LOOKUP_INPUTS, GraphBytes, IdealBasis, forced_layers, forced_mask, fraction_of_ideal,
                     median_min_max, onnx_graph_bytes, onnx_precision, percentile, tensor_nbytes)
-from .plans import (ExportPlan, config_beside, export_variant_specs, folder_specs, gpu_notes, model_files, peer_specs,
-                    plan_runs, torch_specs)
+from .plans import (ExportPlan, config_beside, cuda_specs, export_variant_specs, folder_specs, forced_run, gpu_notes,
+                    model_files, peer_specs, plan_runs, skip_specs, torch_specs)
 from .report import PEER_NAMES, bench_table, report_markdown, summarise, write_plot
 from .request import BenchRequest
-from .run import bench_prompts, parse_ratios, run_bench
+from .run import bench_prompts, parse_ratios, random_prompts, run_bench
 
 __all__ = [
     "BenchRequest", "DEFAULT_NEW_TOKENS", "ExportPlan", "GraphBytes", "IdealBasis", "LOOKUP_INPUTS", "MaskedView",
     "Measurement", "PEER_NAMES", "RunResult", "RunSpec", "SkipToolError", "backend_logits_fn", "backend_perplexity",
-    "bench_prompts", "bench_table", "config_beside", "export_variant_specs", "folder_specs", "forced_layers",
-    "forced_mask", "fraction_of_ideal", "gpu_notes", "measure", "median_min_max", "model_files", "onnx_graph_bytes",
-    "onnx_precision", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile", "plan_runs",
-    "progress_steps", "report_markdown", "rss_mib", "run_bench", "shared", "summarise", "tensor_nbytes",
-    "torch_specs", "write_plot",
+    "bench_prompts", "bench_table", "config_beside", "cuda_specs", "export_variant_specs", "folder_specs",
+    "forced_layers", "forced_mask", "forced_run", "fraction_of_ideal", "gpu_notes", "measure", "median_min_max",
+    "model_files", "onnx_graph_bytes", "onnx_precision", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile",
+    "plan_runs", "progress_steps", "random_prompts", "report_markdown", "rss_mib", "run_bench", "shared",
+    "skip_specs", "summarise", "tensor_nbytes", "torch_specs", "write_plot",
 ]

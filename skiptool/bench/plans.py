@@ -1,4 +1,5 @@
-"""Which runs a benchmark makes: PyTorch eager (dense, the config's policy, forced ratios), every export folder
+"""Which runs a benchmark makes: PyTorch eager (dense, the config's policy, forced ratios), on CUDA the GPU decode
+path (the same runs graphed, with the decisions on the device and, for comparison, on the host), every export folder
 in every runtime its manifest names (:class:`ExportPlan`; a runtime that cannot run here is one skipped row),
 the registered peers, and skipped notes for absent GPU execution providers. :func:`plan_runs` puts them
 together in table order.
@@ -22,14 +23,11 @@ from .request import BenchRequest
 
 def torch_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[float],
                 device: str = "cpu") -> list[RunSpec]:
-    """PyTorch eager runs on one shared model: dense, the config's policy, and forced ratios.
-
-    Forced runs use the config's policy (so a router still runs and is paid for) with warm-up 0 and an
-    override that forces every layer: the chosen ones to skip, all others to compute.
-    """
+    """PyTorch eager runs on one shared model: dense, the config's policy, and forced ratios."""
     from ..backends.torch_backend import TorchBackend
     from ..config import dense_config
     from ..info import decode_weight_bytes
+    from ..models import precision_of
 
     ffn_bytes, total_bytes = decode_weight_bytes(model, adapter)
     base = config if config is not None else dense_config(model)
@@ -40,21 +38,69 @@ def torch_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[f
                           skippable_bytes=ffn_bytes * len(skippable) / layers, num_layers=layers,
                           num_skippable=len(skippable), substitute_bytes=backend.substitute_bytes())
 
-    precision = TorchBackend(model, adapter).precision
+    def make(run_config: Any, override: list[int] | None) -> Callable[[], Any]:
+        return lambda: TorchBackend(model, adapter, run_config, override=override, device=device)
+
+    precision = precision_of(model)
     settings = {"device": device}
-    specs = [RunSpec("torch", "dense", precision, lambda: TorchBackend(model, adapter, device=device),
-                     settings=settings)]
-    if config is not None and config.policy.kind != "none":
-        specs.append(RunSpec("torch", "skip", precision, lambda: TorchBackend(model, adapter, config, device=device),
-                             policy=config.policy.kind, ideal=basis, settings=settings))
-    forced = base.evolve(warmup=0)
-    for ratio in ratios:
-        mask = forced_mask(layers, skippable, ratio)
-        specs.append(RunSpec("torch", "skip", precision,
-                             lambda mask=mask: TorchBackend(model, adapter, forced, override=mask, device=device),
-                             policy="forced", forced_ratio=ratio, ideal=basis,
-                             settings={**settings, "forced_layers": [i for i, v in enumerate(mask) if v == 1]}))
+    dense = RunSpec("torch", "dense", precision, make(None, None), settings=settings)
+    return [dense] + skip_specs("torch", precision, make, config, base, ratios, basis, settings)
+
+
+def cuda_specs(model: Any, adapter: Any, config: Any | None, ratios: Sequence[float],
+               max_length: int) -> list[RunSpec]:
+    """The GPU decode path's runs (:class:`~skiptool.gpu.EngineBackend`: a static KV cache, the decode step replayed
+    as a CUDA graph): dense, then the config's policy and the forced ratios twice — with the decisions read on the
+    device, and read on the host per layer (what ONNX Runtime's and TensorRT's ``If`` do)."""
+    from ..config import dense_config
+    from ..gpu.backend import EngineBackend
+    from ..models import precision_of
+
+    base = config if config is not None else dense_config(model)
+    precision = precision_of(model)
+    device = str(next(model.parameters()).device)
+
+    def maker(ffn_mode: str) -> Callable[[Any, list[int] | None], Callable[[], Any]]:
+        def make(run_config: Any, override: list[int] | None) -> Callable[[], Any]:
+            return lambda: EngineBackend(model, adapter, run_config, ffn_mode=ffn_mode, override=override,
+                                         max_len=max_length)
+        return make
+
+    def settings(ffn_mode: str) -> dict[str, Any]:
+        return {"device": device, "ffn_mode": ffn_mode, "max_len": max_length}
+
+    specs = [RunSpec(EngineBackend.name, "dense", precision, maker("dense")(None, None), settings=settings("dense"))]
+    for ffn_mode, variant in (("device", ""), ("host", "host sync")):
+        specs += skip_specs(EngineBackend.name, precision, maker(ffn_mode), config, base, ratios,
+                            EngineBackend.ideal_basis, settings(ffn_mode), variant)
     return specs
+
+
+def skip_specs(backend: str, precision: str, make: Callable[[Any, list[int] | None], Callable[[], Any]],
+               config: Any | None, base: Any, ratios: Sequence[float], ideal: Callable[[Any], IdealBasis],
+               settings: dict[str, Any], variant: str = "") -> list[RunSpec]:
+    """A backend's skipping runs, built by ``make(config, override)``: the config's own policy (when it has one),
+    and each forced ratio (:func:`forced_run` of the `base` config). A `variant` (e.g. "host sync") is added to
+    each label."""
+    specs = []
+    if config is not None and config.policy.kind != "none":
+        specs.append(RunSpec(backend, "skip", precision, make(config, None), policy=config.policy.kind, ideal=ideal,
+                             settings=settings))
+    for ratio in ratios:
+        forced, mask = forced_run(base, ratio)
+        forced_layers = [i for i, v in enumerate(mask) if v == 1]
+        specs.append(RunSpec(backend, "skip", precision, make(forced, mask), policy="forced", forced_ratio=ratio,
+                             ideal=ideal, settings={**settings, "forced_layers": forced_layers}))
+    for spec in specs:
+        spec.label += f" ({variant})" if variant else ""
+    return specs
+
+
+def forced_run(base: Any, ratio: float) -> tuple[Any, list[int]]:
+    """The config and override of a run forced to skip `ratio` of all FFNs: `base`'s policy (so a router still runs
+    and is paid for) with warm-up 0, and an override that forces every layer — the chosen ones to skip, all others
+    to compute."""
+    return base.evolve(warmup=0), forced_mask(base.model.num_layers, base.skippable_layers, ratio)
 
 
 @dataclass
@@ -171,7 +217,8 @@ def peer_specs(ctx: Any, names: Sequence[str] | None = None) -> list[RunSpec]:
 
 
 def plan_runs(req: BenchRequest, lm: Any, config: Any | None, threads: int, max_length: int) -> list[RunSpec]:
-    """Every run of a benchmark, in table order: PyTorch, export folders by runtime, peers, GPU notes."""
+    """Every run of a benchmark, in table order: PyTorch (eager, then the GPU decode path on CUDA), export folders
+    by runtime, peers, GPU notes."""
     from ..backends.peers import PeerContext
 
     plans = [ExportPlan.of(d, config) for d in req.onnx]
@@ -185,6 +232,8 @@ def plan_runs(req: BenchRequest, lm: Any, config: Any | None, threads: int, max_
     ctx = PeerContext(hf_dir, gguf, threads, req.spin, max_length, precisions)
     peers = peer_specs(ctx, None if req.peers else (["onnxruntime-genai"] if genai_precisions else []))
     torch_runs = torch_specs(lm.model, lm.adapter, config, req.skip_ratios, req.device) if req.torch else []
+    if req.device.startswith("cuda"):
+        torch_runs += cuda_specs(lm.model, lm.adapter, config, req.skip_ratios, max_length)
     folders = folder_specs(plans, req.skip_ratios, threads, req.spin, max_length,
                            _genai_dense_bytes(hf_dir, genai_precisions))
     order = {name: i for i, name in enumerate(["onnxruntime", "tensorrt", "onnxruntime-genai", "llama.cpp"])}

@@ -30,3 +30,4 @@ class BenchRequest:
     peers: bool = True
     torch: bool = True
     device: str = "cpu"
+    dtype: str | None = None  # None: fp32 on a CPU, bf16 on CUDA (skiptool.models.decode_dtype)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..contract import read_manifest
 from ..errors import SkipToolError
+from ..models import NO_TOKENIZER, decode_dtype
 from .harness import Measurement, measure, peak_rss_mib, progress_steps
 from .plans import config_beside, plan_runs
 from .report import summarise
@@ -28,15 +29,26 @@ def bench_prompts(tokenizer: Any, source: str | None, prompt_tokens: int, num_pr
     return token_blocks(tokenizer, spec, prompt_tokens, num_prompts).tolist()
 
 
+def random_prompts(vocab_size: int, prompt_tokens: int, num_prompts: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids, for a model without a tokenizer (random weights: decode speed does not
+    depend on which tokens it reads)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_prompts, prompt_tokens), generator=generator).tolist()
+
+
 def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
               on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the model, plan every run, measure them interleaved and return the JSON-ready report."""
     import torch
 
+    from ..accelerators import check_device
     from ..config import load_config
     from ..models import load_model
     from ..policies import check_policy
 
+    check_device(req.device)
     if req.repeats < 1 or req.new_tokens < 2:
         raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
     for folder in req.onnx:  # a bad folder fails before the model loads
@@ -45,14 +57,11 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
     torch.set_num_threads(threads)
     config = load_config(req.config) if req.config is not None else \
         next(filter(None, (config_beside(Path(d)) for d in req.onnx)), None)
-    lm = load_model(req.model, device=req.device)
+    lm = load_model(req.model, decode_dtype(req.device, req.dtype), req.device, needs_tokenizer=False)
     if config is not None:
         config.check_matches(lm.model)
         check_policy(config)
-    prompts = bench_prompts(lm.tokenizer, req.data, req.prompt_tokens, req.num_prompts)
-    quality = (bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
-               if req.quality else None)
-    m = Measurement(prompts, req.new_tokens, req.repeats, req.warmup, quality)
+    m = Measurement(_prompts(req, lm), req.new_tokens, req.repeats, req.warmup, _quality_blocks(req, lm))
     max_length = max(req.prompt_tokens + req.new_tokens, req.quality_tokens) + 16
     specs = plan_runs(req, lm, config, threads, max_length)
     if on_start is not None:
@@ -70,6 +79,24 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
     }
 
 
+def _prompts(req: BenchRequest, lm: Any) -> list[list[int]]:
+    """The prompts every run decodes: cut from text, or random token ids for a model without a tokenizer."""
+    if lm.tokenizer is not None:
+        return bench_prompts(lm.tokenizer, req.data, req.prompt_tokens, req.num_prompts)
+    if req.data is not None:
+        raise SkipToolError(f"--data needs text: {NO_TOKENIZER}")
+    return random_prompts(int(lm.config.vocab_size), req.prompt_tokens, req.num_prompts)
+
+
+def _quality_blocks(req: BenchRequest, lm: Any) -> list[list[int]] | None:
+    """Held-out text blocks for --quality (perplexity needs real text, so a tokenizer)."""
+    if not req.quality:
+        return None
+    if lm.tokenizer is None:
+        raise SkipToolError(f"--quality needs text: {NO_TOKENIZER}")
+    return bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
+
+
 def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple[float, ...]) -> dict[str, Any]:
     import torch
 
@@ -79,7 +106,8 @@ def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple
         "new_tokens": req.new_tokens, "repeats": req.repeats, "warmup_runs_dropped": req.warmup,
         "prompts": len(m.prompts), "prompt_tokens": [len(p) for p in m.prompts], "data": req.data or "builtin",
         "threads": threads, "intra_op_spinning": "on" if req.spin else "off", "torch_threads": torch.get_num_threads(),
-        "device": req.device, "skip_ratios": list(req.skip_ratios), "quality": req.quality,
+        "device": req.device, "dtype": decode_dtype(req.device, req.dtype), "skip_ratios": list(req.skip_ratios),
+        "quality": req.quality,
         "quality_tokens": req.quality_tokens * req.quality_blocks if req.quality else 0,
         "versions": _versions(), "ort_providers": available_providers(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(),

@@ -88,8 +88,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Adaptive FFN skipping for decoder-only LLMs: calibrate, train routers, export, benchmark."""
 
 
-ModelArg = typer.Argument(DEMO, help="HF model id, local HF directory, .gguf file, or 'smollm2-135m' (built-in demo).")
+ModelArg = typer.Argument(DEMO, help="HF model id, local HF directory, .gguf file, 'smollm2-135m' (built-in demo), "
+                          "or random:SHAPE / random:CONFIG.json (random weights of shape tiny, demo, 1b or 8b or of "
+                          "a Llama-shaped config, no tokenizer: for bench and info).")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
+DtypeOpt = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32 on the CPU, bf16 on CUDA).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 DataOpt = typer.Option("builtin:wikitext2-sample", "--data", help="Text file, JSONL file, HF dataset name, or the "
                        "built-in WikiText-2 excerpt.")

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import SkipToolError
-from .app import DeviceOpt, JsonOpt, ModelArg, app, console, err_console, phase_names, phase_progress, print_json
+from .app import (DeviceOpt, DtypeOpt, JsonOpt, ModelArg, app, console, err_console, phase_names, phase_progress,
+                  print_json)
 from .tables import export_table
 
 
@@ -74,6 +75,7 @@ def bench(
     no_peers: bool = typer.Option(False, "--no-peers", help="Leave out onnxruntime-genai and llama.cpp."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Leave out the PyTorch eager runs."),
     device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Decode speed of skipping against dense, against the ideal, and against the runtimes users already run.
 
@@ -85,6 +87,10 @@ def bench(
     reading fewer weight bytes would give at that skip ratio (dense bytes per token / the run's bytes per token,
     routers and stand-ins counted); of ideal = speedup / ideal. --wide adds min–max, p50/p90 latency, prefill and
     the resident memory a run added when it loaded (+RSS); the JSON and --markdown hold everything.
+
+    --device cuda adds the GPU decode path (torch-cuda-graph): dense, the config's policy and the forced ratios,
+    each decode step one CUDA graph with the decisions on the device, and the same with each layer's decision read
+    on the host ("host sync", what an ONNX If costs on a GPU). A random:SHAPE model decodes random prompt ids.
     """
     from ..bench import BenchRequest, bench_table, parse_ratios, report_markdown, run_bench, write_plot
     from ..fileio import check_output_dir, write_json_atomic, write_text_atomic
@@ -97,7 +103,7 @@ def bench(
     req = BenchRequest(model=model, config=config, onnx=list(onnx or []), skip_ratios=parse_ratios(skip_ratio),
                        new_tokens=new_tokens, repeats=repeats, threads=threads, spin=spin == "on", quality=quality,
                        data=data, prompt_tokens=prompt_tokens, peers=not no_peers, torch=not no_torch,
-                       device=device)
+                       device=device, dtype=dtype)
     with phase_progress() as progress:
         total = [0]
         done = [0]

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import SkipToolError
-from .app import DeviceOpt, JsonOpt, ModelArg, app, console, print_json
+from .app import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, app, console, print_json
 from .tables import info_table
 
 
@@ -41,6 +41,7 @@ def generate(
     router_threshold: Optional[float] = typer.Option(None, "--router-threshold", help="Override a router policy's "
                                                      "probability threshold, in (0, 1)."),
     device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Run a `skiptool export` folder in its runtime "
                                             "(the folder's own policy; MODEL and --config are not used)."),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="With --onnx: one of the runtimes the folder's "
@@ -49,7 +50,10 @@ def generate(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Run the TensorRT engine of a `--format tensorrt` "
                                           "folder (same as --onnx DIR --runtime tensorrt)."),
 ) -> None:
-    """Generate text, streaming it, then print decode tokens/s and the realised FFN skip ratio (decode steps)."""
+    """Generate text, streaming it, then print decode tokens/s and the realised FFN skip ratio (decode steps).
+
+    --device cuda decodes on the GPU decode path: a static KV cache, the skip decisions on the device and each
+    decode step one CUDA graph."""
     stream = {"on_text": lambda piece: console.out(piece, end="", highlight=False)}
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "raw": raw}
@@ -62,8 +66,8 @@ def generate(
             raise SkipToolError("--runtime picks how an export folder runs; use it with --onnx DIR")
         from ..generate import run_generate
 
-        result, policy = run_generate(model, prompt, config, device, router_threshold, **sampling, **stream)
-        where = f"PyTorch {device}"
+        result, policy = run_generate(model, prompt, config, device, router_threshold, dtype, **sampling, **stream)
+        where = "PyTorch, CUDA graph" if device.startswith("cuda") else f"PyTorch {device}"
     console.out("")
     skip = "–" if result.skip_ratio is None else f"{result.skip_ratio:.1%}"
     console.print(f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s decode ({where}), "
