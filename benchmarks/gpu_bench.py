@@ -8,7 +8,7 @@ all FFNs, with a rank-16 stand-in, and with random routers tuned to skip about 2
 (each layer's decision read with ``.item()``, the segments between reads graphed, and once eagerly). Each row:
 tokens/s, median ms per step, speedup over dense, the realised skip ratios (tokens; FFN calls avoided), the ideal
 speedup at that ratio and the fraction reached, the bytes read per step, the bandwidth achieved and its share of
-a measured device copy. The engine is driven directly (batch 8, greedy on the device, no host read per step);
+a measured device copy. The engine is driven directly (batches 1 and 8, greedy on the device, no host read per step);
 ``skiptool bench --device cuda`` measures the same engine at batch 1 through the product's decode loop.
 
 On the H200 (under 5 minutes; rows past ``--budget-s`` are skipped, an erroring row is recorded and the rest run;
