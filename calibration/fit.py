@@ -35,16 +35,17 @@ from ..config import CONFIG_FILENAME, ArtifactRef, SkipConfig, dense_config
 from ..data import DataSpec, token_blocks
 from ..errors import ConfigError, SkipToolError
 from ..fileio import atomic_directory, check_output_dir, write_json_atomic
-from ..policies import CosineGreedy, LayerSignals
+from ..policies import CosineGreedy, LayerSignals, RandomSkip
 from ..runtime import SkipStats, skipping
 from ..standins import StandIns, StandInSpec, skip_target
 from .collect import LayerStats, collect_layer_stats, run_blocks
+from .budget import BudgetRule, LayerCurve, choose_warmup, layer_costs, warmup_costs
 from .standin_fit import fit_standins
 
 STATS_FILENAME = "layer_stats.json"
 PLOT_FILENAME = "layer_stats.png"
 STANDIN_FILENAME = "standin.safetensors"
-THRESHOLD_MODES = ("per-layer", "global")
+THRESHOLD_MODES = ("per-layer", "global", "budget")
 COLD_RULE = "layer 0 and the last layer, growing inward while mean saturation has robust z < -3 (max 1/4 each end)"
 PhaseProgress = Callable[[str, int, int], Any]
 
@@ -78,18 +79,28 @@ def choose_cold_regions(mean_saturation: list[float], z: float = 3.0, max_fracti
 
 # -- thresholds -----------------------------------------------------------------------------------
 def thresholds_for(saturation: Tensor, skippable: list[int], p: float, mode: str = "per-layer") -> list[float | None]:
-    """Per-layer thresholds at which a share `p` of the calibration tokens counts as saturated."""
-    if mode not in THRESHOLD_MODES:
-        raise SkipToolError(f"unknown threshold mode {mode!r} (expected one of {', '.join(THRESHOLD_MODES)})")
-    out: list[float | None] = [None] * saturation.shape[0]
-    pooled = saturation[skippable].reshape(-1).double()
-    for i in skippable:
-        if p >= 1.0:
-            out[i] = -1.0 - 1e-6  # below any cosine: every token is saturated
-            continue
-        values = saturation[i].double() if mode == "per-layer" else pooled
-        out[i] = float(torch.quantile(values, 1.0 - p))
-    return out
+    """Per-layer thresholds at which a share `p` of the calibration tokens counts as saturated (``global``: of all
+    skippable layers' tokens pooled)."""
+    if mode not in ("per-layer", "global"):
+        raise SkipToolError(f"unknown threshold mode {mode!r} (expected per-layer or global)")
+    if mode == "global":
+        pooled = saturation[skippable].reshape(-1)
+        return [quantile_threshold(pooled, p) if i in skippable else None for i in range(saturation.shape[0])]
+    return layer_thresholds(saturation, {i: p for i in skippable})
+
+
+def layer_thresholds(saturation: Tensor, shares: dict[int, float]) -> list[float | None]:
+    """Thresholds for the layers in `shares` (each counting that share of its tokens as saturated); None elsewhere."""
+    return [quantile_threshold(saturation[i], shares[i]) if i in shares else None for i in range(saturation.shape[0])]
+
+
+def quantile_threshold(values: Tensor, p: float) -> float | None:
+    """The saturation above which a share `p` of `values` lies (every token at p = 1, none at p = 0)."""
+    if p >= 1.0:
+        return -1.0 - 1e-6  # below any cosine: every token is saturated
+    if p <= 0.0:
+        return None
+    return float(torch.quantile(values.double(), 1.0 - p))
 
 
 def replay_decisions(policy: CosineGreedy, saturation: Tensor, positions: Tensor | None = None) -> Tensor:
@@ -151,13 +162,18 @@ class CosineFit:
 def fit_cosine(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, stats: LayerStats, target: float,
                skippable: list[int], greedy_k: int = 1, mode: str = "per-layer", tolerance: float = 0.005,
                max_runs: int = 8, batch_size: int = 4, progress: PhaseProgress | None = None,
-               substitutes: dict[int, nn.Module] | None = None) -> CosineFit:
+               substitutes: dict[int, nn.Module] | None = None,
+               rule: Callable[[float], list[float | None]] | None = None) -> CosineFit:
     """Thresholds (and greedy-k, if `greedy_k` cannot reach `target`) whose realised ratio on `blocks` hits `target`
-    (measured with `substitutes`, e.g. stand-ins, in place of the skipped FFNs: they change later saturations)."""
+    (measured with `substitutes`, e.g. stand-ins, in place of the skipped FFNs: they change later saturations).
+
+    One parameter p in [0, 1] sets every threshold: by `mode`'s quantiles, or by `rule` (e.g. a
+    :class:`~skiptool.calibration.budget.BudgetRule`'s ``thresholds``) when given."""
     num_layers, warmup, seq_len = stats.num_layers, stats.warmup, int(blocks.shape[1])
+    thresholds_at = rule or (lambda p: thresholds_for(stats.saturation, skippable, p, mode))
 
     def policy_at(p: float, k: int) -> CosineGreedy:
-        return CosineGreedy(num_layers, skippable, warmup, thresholds_for(stats.saturation, skippable, p, mode), k)
+        return CosineGreedy(num_layers, skippable, warmup, thresholds_at(p), k)
 
     def predicted(p: float, k: int) -> float:
         return replay_ratio(policy_at(p, k), stats.saturation, seq_len)
@@ -182,8 +198,7 @@ def fit_cosine(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, stats: La
             p = (lo[0] + hi[0]) / 2
     assert best is not None
     p, counts = best
-    return CosineFit(thresholds_for(stats.saturation, skippable, p, mode), k, p, counts.skip_ratio,
-                     counts.per_layer(), runs)
+    return CosineFit(thresholds_at(p), k, p, counts.skip_ratio, counts.per_layer(), runs)
 
 
 def smallest_greedy_k(max_ratio: Callable[[int], float], target: float, start: int, limit: int) -> int:
@@ -213,7 +228,7 @@ class CalibrationSettings:
     target_skip: float = 0.25
     samples: int = 16
     seq_len: int = 256
-    warmup: int = 32
+    warmup: int | None = 32  # None: chosen from the calibration data (what skipping each leading range costs)
     greedy_k: int = 1
     cold_start: int | None = None
     cold_end: int | None = None
@@ -222,6 +237,7 @@ class CalibrationSettings:
     batch_size: int = 4
     standin: StandInSpec | None = StandInSpec()  # closed-form stand-ins for skipped FFNs (None: zeros)
     target_saved: float | None = None  # instead of target_skip: the share of FFN weight bytes to save
+    cost_blocks: int = 4  # calibration blocks the layer and warm-up costs are measured on
 
     def skip_target(self, hidden_size: int, ffn_weights: int) -> float:
         """The skip ratio to fit: `target_skip`, or the one that saves `target_saved` of the FFN bytes with the
@@ -240,6 +256,8 @@ class CalibrationResult:
     fit: CosineFit
     paths: list[Path] = field(default_factory=list)
     standins: StandIns | None = None
+    warmup_costs: list[dict[str, float]] | None = None  # when the warm-up was chosen from the data
+    layer_costs: list[LayerCurve] | None = None  # with the budget threshold mode
 
     def layer_stats_json(self) -> dict[str, Any]:
         """``layer_stats.json``: per-layer statistics, cold regions, thresholds and realised skip ratios."""
@@ -249,9 +267,13 @@ class CalibrationResult:
             i = row["layer"]
             row["threshold"], row["skip_ratio"] = th[i], self.fit.per_layer[i]
             row["cold"] = i not in self.config.skippable_layers
+        costs = {c.layer: c for c in self.layer_costs or []}
+        for row in data["layers"]:
+            if row["layer"] in costs:
+                row["layer_cost"] = costs[row["layer"]].to_dict()["points"]
         return {**data, "cold_start": self.config.cold_start, "cold_end": self.config.cold_end,
                 "cold_rule": COLD_RULE, "target_skip": self.config.target_skip, "skip_ratio": self.fit.skip_ratio,
-                "greedy_k": self.fit.greedy_k}
+                "greedy_k": self.fit.greedy_k, "warmup_costs": self.warmup_costs}
 
 
 def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: DataSpec, settings: CalibrationSettings,
@@ -267,28 +289,73 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     if out_dir is not None:
         check_output_dir(out_dir)
     blocks = token_blocks(tokenizer, data, settings.seq_len, settings.samples)
-    stats = collect_layer_stats(model, adapter, blocks, settings.warmup, settings.batch_size,
+    warmup, warmup_rows = _warmup(model, adapter, blocks, settings, progress)
+    stats = collect_layer_stats(model, adapter, blocks, warmup, settings.batch_size,
                                 None if progress is None else (lambda d, n: progress("statistics", d, n)))
     auto = choose_cold_regions(stats.mean_saturation())
     cold_start = auto[0] if settings.cold_start is None else settings.cold_start
     cold_end = auto[1] if settings.cold_end is None else settings.cold_end
-    base = dense_config(model, source, cold_start, cold_end, settings.warmup)
+    base = dense_config(model, source, cold_start, cold_end, warmup)
     target = settings.skip_target(int(model.config.hidden_size), ffn_weight_count(model, adapter))
     standins = None
     if settings.standin is not None:  # fitted first: the thresholds are fitted with them in place
-        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.size, settings.warmup,
+        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.size, warmup,
                                 settings.standin.kind)
+    substitutes = None if standins is None else standins.by_layer()
+    costs = _layer_costs(model, adapter, blocks, stats, base, settings, substitutes, progress)
+    rule = BudgetRule(costs, lambda knobs: layer_thresholds(stats.saturation, knobs)).thresholds if costs else None
     fit = fit_cosine(model, adapter, blocks, stats, target, base.skippable_layers, settings.greedy_k,
                      settings.threshold_mode, settings.tolerance, batch_size=settings.batch_size, progress=progress,
-                     substitutes=None if standins is None else standins.by_layer())
+                     substitutes=substitutes, rule=rule)
     config = base.evolve(target_skip=target, metadata=_metadata(settings, data, fit, blocks)).with_policy(
         "cosine", thresholds=fit.thresholds, greedy_k=fit.greedy_k)
     if standins is not None:
         config = config.evolve(standin=ArtifactRef(STANDIN_FILENAME, standins.rank_, standins.kind))
-    result = CalibrationResult(config, stats, fit, standins=standins)
+    result = CalibrationResult(config, stats, fit, standins=standins, warmup_costs=warmup_rows, layer_costs=costs)
     if out_dir is not None:
         result.paths = write_calibration(result, out_dir, plot)
     return result
+
+
+def parse_warmup(text: str) -> int | None:
+    """``--warmup``: a number of positions, or ``auto`` (None: chosen from the data)."""
+    if text.strip() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise SkipToolError(f"--warmup must be a number of positions or auto (got {text!r})") from None
+    if value < 0:
+        raise SkipToolError(f"--warmup must be >= 0 (got {value})")
+    return value
+
+
+def _warmup(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, settings: CalibrationSettings,
+            progress: PhaseProgress | None) -> tuple[int, list[dict[str, float]] | None]:
+    """The warm-up: the given one, or (``warmup`` None) the leading positions that cost most to skip, measured with
+    a random quarter of every FFN but the first and last layer's skipped (:func:`budget.warmup_costs`)."""
+    if settings.warmup is not None:
+        return settings.warmup, None
+    layers = adapter.num_layers(model)
+    probe = RandomSkip(layers, list(range(1, layers - 1)), 0, rate=0.25, seed=0)
+    rows = warmup_costs(model, adapter, blocks[: settings.cost_blocks], probe, progress=progress)
+    return min(choose_warmup(rows), settings.seq_len // 2), rows
+
+
+def _layer_costs(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, stats: LayerStats, base: SkipConfig,
+                 settings: CalibrationSettings, substitutes: dict[int, nn.Module] | None,
+                 progress: PhaseProgress | None) -> list[LayerCurve] | None:
+    """With the budget mode: what skipping each layer alone costs (KL) and saves, per share of saturated tokens."""
+    if settings.threshold_mode != "budget":
+        return None
+    num_layers, skippable = base.model.num_layers, base.skippable_layers
+
+    def policy_for(knobs: dict[int, float]) -> CosineGreedy:
+        return CosineGreedy(num_layers, skippable, base.warmup, layer_thresholds(stats.saturation, knobs),
+                            settings.greedy_k)
+
+    return layer_costs(model, adapter, blocks[: settings.cost_blocks], skippable, policy_for, substitutes,
+                       progress=progress)
 
 
 def run_calibrate(source: str, data: DataSpec, settings: CalibrationSettings, out_dir: str | Path,
@@ -329,8 +396,10 @@ def _check_settings(s: CalibrationSettings) -> None:
         raise SkipToolError(f"--target-saved must be in (0, 1), got {s.target_saved}")
     if s.samples < 1:
         raise SkipToolError("--samples must be at least 1")
-    if s.warmup >= s.seq_len:
+    if s.warmup is not None and s.warmup >= s.seq_len:
         raise SkipToolError(f"--warmup ({s.warmup}) must be shorter than --seq-len ({s.seq_len})")
+    if s.cost_blocks < 1:
+        raise SkipToolError("the cost measurements need at least 1 block")
     if s.greedy_k < 1:
         raise SkipToolError("--greedy-k must be at least 1")
     if s.threshold_mode not in THRESHOLD_MODES:
@@ -346,6 +415,8 @@ def _metadata(s: CalibrationSettings, data: DataSpec, fit: CosineFit, blocks: Te
         "quantile_p": fit.p,
         "fit_runs": fit.runs,
         "cold_rule": COLD_RULE if s.cold_start is None or s.cold_end is None else "given",
+        "warmup_rule": "given" if s.warmup is not None else "auto: the leading position ranges whose skips cost over 2x "
+                                                            "the median of the later ranges' (KL per skip)",
         "calibration_data": {"source": _absolute_if_file(data.source), "field": data.field, "split": data.split,
                              "part": list(data.part), "samples": int(blocks.shape[0]),
                              "seq_len": int(blocks.shape[1])},

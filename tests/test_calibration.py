@@ -304,3 +304,49 @@ def test_cli_calibrate_bad_options(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     result = _calibrate_cli(tiny_model_dir, text, tmp_path / "file")
     assert result.exit_code == 1 and "not a directory" in result.output
+
+
+# -- one budget across layers, and a warm-up chosen from the data -----------------------------------------
+def test_the_budget_goes_to_the_cheapest_kl_per_byte_first():
+    from skiptool.calibration.budget import LayerCurve, allocate, max_budget
+
+    cheap = LayerCurve(1, [(0.5, 0.02, 0.01), (1.0, 0.04, 0.10)])  # the second half costs 9x more per byte
+    dear = LayerCurve(2, [(0.5, 0.02, 0.05), (1.0, 0.04, 0.10)])
+    assert max_budget([cheap, dear]) == pytest.approx(0.08)
+    assert allocate([cheap, dear], 0.02) == {1: pytest.approx(0.5), 2: 0.0}
+    assert allocate([cheap, dear], 0.03) == {1: pytest.approx(0.5), 2: pytest.approx(0.25)}  # dear's 2.5/byte next
+    assert allocate([cheap, dear], 1.0) == {1: 1.0, 2: 1.0}
+
+
+def test_a_layer_curve_keeps_only_its_convex_lower_hull():
+    from skiptool.calibration.budget import LayerCurve
+
+    curve = LayerCurve(3, [(0.25, 0.01, 0.05), (0.5, 0.02, 0.06), (1.0, 0.04, 0.2)])  # the first point is not worth it
+    assert [p[0] for p in curve.hull()] == [0.0, 0.5, 1.0]
+
+
+def test_the_warm_up_keeps_the_leading_ranges_that_cost_most_per_skip():
+    from skiptool.calibration.budget import choose_warmup
+
+    rows = [{"from": a, "to": b, "skipped": 10, "kl_per_skip": c}
+            for a, b, c in ((0, 1, 9.0), (1, 2, 5.0), (2, 4, 1.1), (4, 8, 1.0), (8, 16, 0.9), (16, 32, 1.0))]
+    assert choose_warmup(rows) == 2
+    assert choose_warmup([{**r, "kl_per_skip": 1.0} for r in rows]) == 0
+
+
+def test_budget_mode_and_an_automatic_warm_up_on_a_tiny_model(tiny_model_dir, tmp_path):
+    from skiptool.models import load_model
+    from skiptool.policies import build_policy
+
+    lm = load_model(str(tiny_model_dir))
+    text = word_text(tmp_path / "words.txt")
+    settings = CalibrationSettings(target_skip=0.2, samples=6, seq_len=40, warmup=None, threshold_mode="budget",
+                                   cost_blocks=2, standin=None)
+    spec = DataSpec(str(text), part=(0, 0.5))
+    result = calibrate(lm.model, lm.adapter, lm.tokenizer, spec, settings)
+    assert result.warmup_costs and result.config.warmup == result.stats.warmup < 40
+    assert {c.layer for c in result.layer_costs} == set(result.config.skippable_layers)
+    measured = measure_ratio(lm.model, lm.adapter, build_policy(result.config), token_blocks(lm.tokenizer, spec, 40, 6))
+    assert abs(measured.skip_ratio - 0.2) <= 0.02
+    stats = result.layer_stats_json()
+    assert stats["warmup_costs"] == result.warmup_costs and "layer_cost" in stats["layers"][1]

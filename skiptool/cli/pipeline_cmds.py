@@ -25,14 +25,17 @@ def calibrate(
     part: str = typer.Option("0:1", "--part", help="Fractions START:END of the text to use, e.g. 0:0.5."),
     samples: int = typer.Option(16, "--samples", min=1, help="Number of calibration blocks."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per block."),
-    warmup: int = typer.Option(32, "--warmup", min=0, help="Leading positions of a sequence that never skip."),
+    warmup: str = typer.Option("32", "--warmup", help="Leading positions of a sequence that never skip, or auto: "
+                               "chosen from what skipping each leading range costs (KL) on the calibration data."),
     greedy_k: int = typer.Option(1, "--greedy-k", min=1, help="FFNs skipped after a saturated one (grows if the "
                                  "target needs it)."),
     cold_start: Optional[int] = typer.Option(None, "--cold-start", min=0, help="Layers at the start that never skip "
                                              "(default: chosen from the statistics)."),
     cold_end: Optional[int] = typer.Option(None, "--cold-end", min=0, help="Layers at the end that never skip "
                                            "(default: chosen from the statistics)."),
-    threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles."),
+    threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles, or "
+                                       "budget: skips spread over the layers where they cost least (KL to the dense "
+                                       "model per byte saved, measured layer by layer)."),
     stand_in: str = typer.Option("linear:16", "--stand-in", help="Closed-form stand-ins that replace skipped FFNs: "
                                  "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none."),
     target_saved: Optional[float] = typer.Option(None, "--target-saved", help="Instead of --target-skip: the share "
@@ -49,11 +52,12 @@ def calibrate(
     (0.5 = no signal); threshold = the fitted saturation threshold (cold: never skipped); skip = realised share
     of the layer's tokens skipped.
     """
-    from ..calibration.fit import CalibrationSettings, run_calibrate
+    from ..calibration.fit import CalibrationSettings, parse_warmup, run_calibrate
     from ..plots import plot_layer_stats
     from ..standins import StandInSpec
 
-    settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len, warmup=warmup,
+    settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len,
+                                   warmup=parse_warmup(warmup),
                                    greedy_k=greedy_k, cold_start=cold_start, cold_end=cold_end,
                                    threshold_mode=threshold_mode, standin=StandInSpec.parse(stand_in),
                                    target_saved=target_saved)
