@@ -33,6 +33,7 @@ from .data import DataSpec, token_blocks
 from .errors import SkipToolError
 from .fileio import atomic_directory, write_json_atomic
 from .policies import RandomSkip, SkipPolicy, StaticMask
+from .backends.torch_backend import TorchBackend
 from .runtime import SkipRuntime, SkipStats, apply_skip, open_runtime
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -98,6 +99,7 @@ class EvalResult:
     data: dict[str, Any] = field(default_factory=dict)
     ffn_saved: float | None = None  # share of FFN weight bytes not read (stand-ins' own bytes counted)
     ideal_speedup: float | None = None  # decode speedup from reading fewer weight bytes at that saving
+    greedy_agreement: float | None = None  # share of decode steps whose greedy token equals the dense model's
     sweep: dict[str, Any] | None = None
     paths: list[Path] = field(default_factory=list)
 
@@ -108,6 +110,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"ppl_dense": self.ppl_dense, "ppl_skip": self.ppl_skip, "ppl_increase": self.ppl_increase,
                 "skip_ratio": self.skip_ratio, "ffn_saved": self.ffn_saved, "ideal_speedup": self.ideal_speedup,
+                "greedy_agreement": self.greedy_agreement,
                 "per_layer_skip_ratio": self.per_layer, "policy": self.policy,
                 "blocks": self.blocks, "seq_len": self.seq_len, "tokens": self.blocks * (self.seq_len - 1),
                 "data": self.data, **({"sweep": self.sweep} if self.sweep is not None else {})}
@@ -183,12 +186,17 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
 
     dense = token_nll(torch_logits_fn(model), blocks, batch_size, _phase(progress, "dense"))
     weight_bytes = decode_weight_bytes(model, adapter)
+    backend = TorchBackend(model, adapter, config, policy_overrides={"threshold": router_threshold})
+    try:
+        agreement = greedy_agreement(backend, config.model.num_layers, blocks, _phase(progress, "greedy agreement"))
+    finally:
+        backend.close()
     runtime = open_runtime(model, adapter, config, threshold=router_threshold)
     ideal = ideal_of(weight_bytes, runtime.policy)
     nll, stats = skip_nll(model, runtime, blocks, batch_size, _phase(progress, f"skip ({config.policy.kind})"))
     result = EvalResult(perplexity(dense), perplexity(nll), stats.skip_ratio, stats.per_layer(), config.policy.kind,
                         int(blocks.shape[0]), int(blocks.shape[1]), _data_record(data), stats.ffn_saved,
-                        ideal(stats.ffn_saved))
+                        ideal(stats.ffn_saved), agreement)
     if sweep_targets:
         ctx = SweepContext(model, adapter, tokenizer, config, blocks, dense, batch_size, progress, calibration_samples)
         result.sweep = {**run_sweep(ctx, sweep_targets, curves), "data": result.data}
@@ -218,9 +226,38 @@ def evaluate_export(folder: str | Path, data: DataSpec, samples: int = 16, seq_l
 
     dense = nll([-1] * backend.io.num_layers, "dense (skip_mask -1)")
     skip = nll(None, f"skip ({backend.manifest.policy})")
-    return EvalResult(perplexity(dense), perplexity(skip), backend.skip_ratio() or 0.0, backend.per_layer_skip(),
+    ratio, per_layer = backend.skip_ratio() or 0.0, backend.per_layer_skip()
+    agreement = greedy_agreement(backend, backend.io.num_layers, blocks, _phase(progress, "greedy agreement"))
+    return EvalResult(perplexity(dense), perplexity(skip), ratio, per_layer,
                       backend.manifest.policy, int(blocks.shape[0]), int(blocks.shape[1]),
-                      {**_data_record(data), "onnx": str(folder)})
+                      {**_data_record(data), "onnx": str(folder)}, greedy_agreement=agreement)
+
+
+AGREEMENT_STEPS = 32
+
+
+def greedy_agreement(backend: Any, num_layers: int, blocks: Tensor, progress: Callable[[int, int], Any] | None = None,
+                     steps: int = AGREEMENT_STEPS) -> float:
+    """Share of decode steps whose greedy next token with skipping equals the dense model's, along the dense model's
+    own greedy continuation (teacher-forced) of held-out prompts: the first half of each evaluation block.
+
+    One skipping `backend` serves both: the reference decodes with every layer forced to compute (``skip_mask`` all
+    -1, which is the dense model), the comparison with the policy deciding."""
+    from .backends.decode import Follow, decode
+
+    prompts = [b[: max(1, blocks.shape[1] // 2)].tolist() for b in blocks]
+    backend.set_skip_mask([-1] * num_layers)
+    references = [decode(backend, p, steps).token_ids for p in prompts]
+    backend.set_skip_mask(None)
+    same = total = 0
+    for i, (prompt, reference) in enumerate(zip(prompts, references)):
+        follow = Follow(reference)
+        decode(backend, prompt, len(reference), follow)
+        hits, n = follow.agreement()
+        same, total = same + hits, total + n
+        if progress is not None:
+            progress(i + 1, len(prompts))
+    return same / total if total else 1.0
 
 
 def ideal_of(weight_bytes: tuple[int, int], policy: SkipPolicy) -> Callable[[float], float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import one_line_error
 import torch
@@ -53,6 +54,7 @@ def test_a_dense_config_gives_the_dense_perplexity_and_no_skipping(lm, text):
     result = evaluate(lm.model, lm.adapter, lm.tokenizer, config, DataSpec(str(text)), samples=3, seq_len=32)
     assert result.ppl_skip == result.ppl_dense
     assert result.skip_ratio == 0.0 and result.per_layer == [0.0] * 6
+    assert result.greedy_agreement == 1.0 and result.ffn_saved == 0.0 and result.ideal_speedup == 1.0
 
 
 def test_static_skip_ratio_counts_all_layers_and_all_positions(lm, text):
@@ -63,8 +65,19 @@ def test_static_skip_ratio_counts_all_layers_and_all_positions(lm, text):
     assert result.per_layer[2] == pytest.approx(32 / 40) and result.per_layer[1] == 0.0
     assert result.ppl_skip != result.ppl_dense
     data = result.to_dict()
-    assert {"ppl_dense", "ppl_skip", "skip_ratio", "per_layer_skip_ratio"} <= set(data)
+    assert {"ppl_dense", "ppl_skip", "skip_ratio", "per_layer_skip_ratio", "ffn_saved", "greedy_agreement",
+            "ideal_speedup"} <= set(data)
+    assert result.ffn_saved == pytest.approx(result.skip_ratio)  # zeros in place: a skip saves the whole FFN
+    assert 0.0 <= result.greedy_agreement < 1.0 and result.ideal_speedup > 1.0
     assert not any(type(layer).__name__ == "SkipLayer" for layer in lm.adapter.decoder_layers(lm.model))
+
+
+def test_follow_feeds_the_reference_and_records_the_backends_own_choice():
+    from skiptool.backends.decode import Follow
+
+    follow = Follow([3, 1, 2])
+    picks = [follow(np.eye(4)[i]) for i in (3, 0, 2)]
+    assert picks == [3, 1, 2] and follow.picked == [3, 0, 2] and follow.agreement() == (2, 3)
 
 
 def test_sweep_runs_extra_curves_and_reports_realised_ratios(lm, text, tmp_path):

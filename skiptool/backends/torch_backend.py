@@ -36,12 +36,14 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter | None = None, config: SkipConfig | None = None,
-                 override: list[int] | None = None, device: str | None = None) -> None:
+                 override: list[int] | None = None, device: str | None = None,
+                 policy_overrides: dict[str, Any] | None = None) -> None:
         self.model, self.adapter = model, adapter or adapter_for(model)
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.precision = precision_of(model)
         self.override = override
-        self.policy, self.substitutes = policy_and_substitutes(model, config) if config is not None else (None, None)
+        self.policy, self.substitutes = (policy_and_substitutes(model, config, **(policy_overrides or {}))
+                                         if config is not None else (None, None))
         self.runtime: SkipRuntime | None = None
         self.mode = "dense" if config is None and active_runtime(model) is None else "skip"
         self._cache: Any = None
@@ -71,6 +73,15 @@ class TorchBackend:
     def close(self) -> None:
         """Restore the shared model (no skip wrapper of this backend left on it)."""
         self._deactivate()
+
+    def set_skip_mask(self, skip_mask: list[int] | None) -> None:
+        """Force layers from now on (1 skip, -1 compute, 0 policy; None: the policy alone), as the graphs'
+        ``skip_mask``. Needs a config (a policy to override)."""
+        if self.policy is None:
+            raise ValueError("a skip_mask needs a skip config")
+        self.override = None if skip_mask is None else list(skip_mask)
+        if self.runtime is not None:
+            self.runtime.set_override(self.override)
 
     # -- DecodeBackend -----------------------------------------------------------------------
     def reset(self) -> None:

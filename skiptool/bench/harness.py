@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends.base import DecodeBackend
-from ..generate import decode
+from ..backends.decode import decode
 from ..ideal import IdealBasis
 
 DEFAULT_NEW_TOKENS = 128

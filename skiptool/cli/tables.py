@@ -45,8 +45,13 @@ def eval_table(result: Any) -> Table:
     d = result.data
     rows = [("perplexity dense", f"{result.ppl_dense:.3f}"),
             ("perplexity skipping", f"{result.ppl_skip:.3f} ({result.ppl_increase:+.1%})"),
-            ("realised FFN skip ratio", f"{result.skip_ratio:.2%} (all layers, all positions)"),
-            ("per layer", " ".join(f"{r:.0%}" for r in result.per_layer))]
+            ("realised FFN skip ratio", f"{result.skip_ratio:.2%} (all layers, all positions)")]
+    if result.ffn_saved is not None:
+        ideal = f", ideal decode speedup {result.ideal_speedup:.3f}x" if result.ideal_speedup else ""
+        rows.append(("FFN weight bytes saved", f"{result.ffn_saved:.2%}{ideal}"))
+    if result.greedy_agreement is not None:
+        rows.append(("greedy agreement with dense", f"{result.greedy_agreement:.1%} of decode steps"))
+    rows.append(("per layer", " ".join(f"{r:.0%}" for r in result.per_layer)))
     return key_value(f"{result.policy} policy: {result.blocks} x {result.seq_len} tokens of {d['source']} (part "
                      f"{d['part'][0]:g}:{d['part'][1]:g})", rows)
 
@@ -103,6 +108,8 @@ def router_table(result: Any, target_skip: float) -> Table:
              ("held-out skip ratio", f"{d['heldout_skip_ratio']:.1%} (target {target_skip:.0%})"),
              ("held-out perplexity", f"{d['dense_heldout_perplexity']:.2f} dense, {d['heldout_perplexity']:.2f} "
                                      f"skipping ({d['perplexity_ratio']:.3f}x)"),
-             ("router params / layer", f"{cost['router_params_per_layer']:,} ({cost['param_share']:.3%} of the FFN)"),
-             ("training time", f"{result.seconds:.0f} s")]
+             ("router params / layer", f"{cost['router_params_per_layer']:,} {cost['router_kind']} "
+                                       f"({cost['param_share']:.3%} of the FFN)"),
+             ("training", f"{result.tokens:,} tokens at {result.tokens_per_s:.0f} tok/s; {result.seconds:.0f} s "
+                          "in all")]
     return key_value(f"routers: {result.config_path}", rows)
