@@ -12,10 +12,12 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import SkipToolError
@@ -27,7 +29,7 @@ PhaseProgress = Callable[[str, int, int], None]
 
 
 def fail_line(kind: str, message: str) -> None:
-    err_console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # Click's usage errors: click's ClickException, or the copy of click that typer >= 0.29 vendors
@@ -94,6 +96,16 @@ ModelArg = typer.Argument(DEMO, help="HF model id, local HF directory, .gguf fil
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
 DtypeOpt = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32 on the CPU, bf16 on CUDA).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def output_path(value: str) -> Path:
+    """Parse an output path: an empty one is a mistake (``Path("")`` is the current folder), not a place to write."""
+    if not str(value).strip():
+        raise typer.BadParameter("is empty; name a file or folder to write")
+    return Path(value)
+
+
+OUTPUT = {"parser": output_path, "metavar": "<path>"}  # typer.Option(..., **OUTPUT) for every path a command writes
 DataOpt = typer.Option("builtin:wikitext2-sample", "--data", help="Text file, JSONL file, HF dataset name, or the "
                        "built-in WikiText-2 excerpt.")
 FieldOpt = typer.Option("text", "--field", help="Text field of JSONL records / dataset rows.")

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import SkipToolError
-from .app import (DeviceOpt, DtypeOpt, JsonOpt, ModelArg, app, console, err_console, phase_names, phase_progress,
-                  print_json)
+from .app import (OUTPUT, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, app, console, err_console, phase_names,
+                  phase_progress, print_json)
 from .tables import export_table
 
 
@@ -24,8 +24,8 @@ def export(
     model: str = ModelArg,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config whose policy the graph computes "
                                           "(default: dense, with the default cold layers)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for the graph, skip_config.json, tokenizer "
-                                "and skiptool_export.json."),
+    output: Path = typer.Option(..., "--output", "-o", **OUTPUT, help="Directory for the graph, skip_config.json, "
+                                "tokenizer and skiptool_export.json."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, ort or tensorrt (see below)."),
     quantize: str = typer.Option("none", "--quantize", "-q", help="none, int8 or int4 (weights in If branches too)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16 (fp16 for GPU targets)."),
@@ -63,9 +63,11 @@ def bench(
     skip_ratio: Optional[str] = typer.Option(None, "--skip-ratio", help="Forced skip ratios, e.g. 0,0.25,0.5."),
     new_tokens: int = typer.Option(128, "--new-tokens", "-n", min=2),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Measured repetitions (after 1 dropped warm-up)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of tokens/s per run (default: beside --json)."),
-    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the full table as Markdown here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", **OUTPUT, help="Write the full report as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", **OUTPUT,
+                                        help="PNG of tokens/s per run (default: beside --json)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", **OUTPUT,
+                                            help="Write the full table as Markdown here."),
     wide: bool = typer.Option(False, "--wide", help="Print every column (needs ~120 columns)."),
     quality: bool = typer.Option(False, "--quality", help="Also measure each run's perplexity on a small slice."),
     spin: str = typer.Option("off", "--spin", help="ONNX Runtime intra-op spinning for every ORT-based run: on|off."),

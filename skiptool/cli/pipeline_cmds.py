@@ -8,15 +8,16 @@ from typing import Optional
 import typer
 
 from ..errors import SkipToolError
-from .app import (DataOpt, DeviceOpt, FieldOpt, JsonOpt, ModelArg, SplitOpt, app, console, data_spec, phase_progress,
-                  print_json, wrote)
+from .app import (OUTPUT, DataOpt, DeviceOpt, FieldOpt, JsonOpt, ModelArg, SplitOpt, app, console, data_spec,
+                  phase_progress, print_json, wrote)
 from .tables import eval_table, layer_stats_table, router_table, sweep_table
 
 
 @app.command()
 def calibrate(
     model: str = ModelArg,
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for skip_config.json, layer_stats.json/png."),
+    output: Path = typer.Option(..., "--output", "-o", **OUTPUT,
+                                help="Directory for skip_config.json, layer_stats.json/png."),
     target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=1.0, help="Realised share of all FFN "
                                       "blocks to skip (all layers, all positions) on the calibration data, in (0, 1)."),
     data: str = DataOpt,
@@ -80,7 +81,8 @@ def train_router(
     model: str = ModelArg,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Skip config whose cold layers and warm-up "
                                           "to reuse (default: cold 2/2, warm-up 32)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for router.safetensors and skip_config.json."),
+    output: Path = typer.Option(..., "--output", "-o", **OUTPUT,
+                                help="Directory for router.safetensors and skip_config.json."),
     data: str = DataOpt,
     field: str = FieldOpt,
     split: str = SplitOpt,
@@ -152,8 +154,8 @@ def eval_command(
                                          "router config; also static+standin)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Calibration blocks the sweep "
                                                 "refits on (default: as many as the config was calibrated on)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for eval.json (and the sweep); "
-                                          "default with --sweep: the config's directory."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", **OUTPUT, help="Directory for eval.json (and the "
+                                          "sweep); default with --sweep: the config's directory."),
     router_threshold: Optional[float] = typer.Option(None, "--router-threshold", help="Override a router policy's "
                                                      "probability threshold, in (0, 1)."),
     device: str = DeviceOpt,
