@@ -7,8 +7,10 @@ the signals the fused graph has and spliced in (:func:`skiptool.onnx_graph.splic
   has no ``position_ids`` input; the rule is the one every other path uses);
 - a signal-free policy (static mask, dense + override): :meth:`SkipPolicy.decide_all` once for every layer;
   each layer then reads its condition with one ``Gather``;
-- otherwise, per skippable layer: :meth:`SkipPolicy.decide` on the layer's taps, and for stateful policies
-  :meth:`SkipPolicy.init_state` / :meth:`SkipPolicy.update`.
+- otherwise the gating every policy shares (warm-up and the ``skip_mask`` override) once for every layer, as a
+  bias on the policy's score (:meth:`SkipPolicy.gate_bias`), and per skippable layer only the policy's score on the
+  layer's taps plus that layer's bias (:meth:`SkipPolicy.gated_score`, equal to :meth:`SkipPolicy.decide` by
+  construction), and for stateful policies :meth:`SkipPolicy.init_state` / :meth:`SkipPolicy.update`.
 """
 
 from __future__ import annotations
@@ -45,18 +47,30 @@ class _Positions(nn.Module):
         return positions_from_mask(attention_mask, input_ids.shape[1])
 
 
+class _GateAll(nn.Module):
+    """Every layer's gating at once, exactly :meth:`SkipPolicy.gate_bias`: ``[layers, batch, seq]``."""
+
+    def __init__(self, policy: SkipPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, positions: Tensor, override: Tensor) -> Tensor:
+        return self.policy.gate_bias(positions, override.view(-1, 1, 1))
+
+
 class _Decide(nn.Module):
-    """One layer's decision, exactly :meth:`SkipPolicy.decide`, plus the batch condition."""
+    """One layer's decision from its taps and its gating bias (:meth:`SkipPolicy.gated_score`), plus the batch
+    condition "every token skips"."""
 
     def __init__(self, policy: SkipPolicy, layer: int) -> None:
         super().__init__()
         self.policy, self.layer = policy, layer
 
     def forward(self, h_in: Tensor, attn_delta: Tensor, h_mid: Tensor, x: Tensor, positions: Tensor,
-                override: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        skip = self.policy.decide(LayerSignals(self.layer, h_in, attn_delta, h_mid, x, positions), positions, state,
-                                  override)
-        return skip.all(), skip
+                gates: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        signals = LayerSignals(self.layer, h_in, attn_delta, h_mid, x, positions)
+        z = self.policy.gated_score(signals, state, gates[self.layer])
+        return z.min() > 0, z > 0
 
 
 class _DecideAll(nn.Module):
@@ -130,6 +144,7 @@ class PolicyNodes:
         self.pos, self.override = torch.arange(3).repeat(2, 1), torch.zeros(policy.num_layers, dtype=torch.int64)
         self.positions = self._splice_positions()
         self.all_layers = self._splice_decide_all()
+        self.gates = self._splice_gates() if self.all_layers is None else None
         self.state: str | None = None
         self.layer_skips: dict[int, str] = {}
 
@@ -161,6 +176,13 @@ class PolicyNodes:
         self.graph.node.append(helper.make_node("Unsqueeze", [out[1], self.last_axis()], [out[2]], name=out[2]))
         return out
 
+    def _splice_gates(self) -> str:
+        """Every layer's gating bias ``[layers, batch, seq]``, computed once per run."""
+        out = f"{SCOPE}/gates"
+        self._splice(_GateAll(self.policy), {"positions": self.pos, "override": self.override},
+                     {"positions": self.positions, "override": SKIP_MASK}, {"gates": out}, f"{SCOPE}/gates")
+        return out
+
     def last_axis(self) -> str:
         return constant(self.graph, SCOPE, TensorProto.INT64, [1], [-1])
 
@@ -183,15 +205,16 @@ class PolicyNodes:
             cond = f"{pre}/cond"
             self.graph.node.append(helper.make_node("Gather", [self.all_layers[0], index], [cond], name=cond, axis=0))
             return cond, self.all_layers[2], index
+        gates = self.policy.gate_bias(self.pos, self.override.view(-1, 1, 1))
         args = dict(h_in=self.fresh(), attn_delta=self.fresh(), h_mid=self.fresh(), x=self.fresh(), positions=self.pos,
-                    override=self.override)
+                    gates=gates)
         names = dict(h_in=t.h_in, attn_delta=t.attn_delta, h_mid=t.h_mid, x=t.x, positions=self.positions,
-                     override=SKIP_MASK)
+                     gates=str(self.gates))
         if self.state is not None:
             args["state"], names["state"] = self.policy.init_state(self.h), self.state
         cond, skip = f"{pre}/cond", f"{pre}/skip"
         self._splice(_Decide(self.policy, t.layer), args, names, {"cond": cond, "skip": skip}, f"{pre}/decide",
-                     shape_proxy=self.h_proxy)
+                     axes={"gates": {1: "batch", 2: "seq"}}, shape_proxy=self.h_proxy)
         self.layer_skips[t.layer] = skip
         return cond, skip, None
 

@@ -131,9 +131,13 @@ class SkipPolicy(nn.Module):
         """State carried from layer to layer within one forward pass (``None`` if stateless)."""
         return None
 
+    def score(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        """The policy's evidence for skipping, per token (``[batch, seq]`` float): above 0 its rule says skip."""
+        return torch.full(s.x.shape[:2], -1.0, device=s.x.device)
+
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        """The policy's own decision, ``[batch, seq]`` bool (or float in [0, 1] while training)."""
-        return torch.zeros(s.x.shape[:2], dtype=torch.bool, device=s.x.device)
+        """The policy's own decision, ``[batch, seq]`` bool: its score above 0 (float in [0, 1] while training)."""
+        return self.score(s, state) > 0
 
     def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> Tensor | None:
         """New state after layer `layer`'s FFN block added `delta` (the FFN's or its substitute's)."""
@@ -144,9 +148,19 @@ class SkipPolicy(nn.Module):
         signal and no state (``None`` otherwise). Exporters use it to decide all layers in a few nodes."""
         return None
 
+    def keeps_rule_of(self, cls: type) -> bool:
+        """Whether this object decides by `cls`'s own rule (a subclass that overrides ``rule`` or ``score``, e.g. a
+        statistics recorder, reads layer signals even when `cls` does not)."""
+        return type(self).rule is SkipPolicy.rule and type(self).score is cls.score
+
     def decide(self, s: LayerSignals, positions: Tensor, state: Tensor | None, override: Tensor | None) -> Tensor:
         """Final per-token decision for a skippable layer: rule, then override, then warm-up."""
         return self.gate(self.rule(s, state), positions, None if override is None else override[s.layer])
+
+    def gated_score(self, s: LayerSignals, state: Tensor | None, bias: Tensor) -> Tensor:
+        """The score with a layer's :meth:`gate_bias` added: above 0 exactly where :meth:`decide` says skip. Lets an
+        exporter compute the gating once for every layer and add one bias per layer."""
+        return self.score(s, state) + bias
 
     def decide_all(self, positions: Tensor, override: Tensor | None) -> Tensor | None:
         """:meth:`decide` for every layer at once (``[num_layers, batch, seq]``; rows of cold layers are
@@ -156,16 +170,25 @@ class SkipPolicy(nn.Module):
             return None
         return self.gate(rules, positions, None if override is None else override.view(-1, 1, 1))
 
+    def gate_bias(self, positions: Tensor, forced: Tensor | None) -> Tensor:
+        """The gating every policy shares, as a bias on its score: +inf where the override `forced` is 1 (skip),
+        -inf where it is -1 (compute) or the position is in the warm-up, 0 where the policy's own rule decides.
+        `forced` is one layer's override value, or every layer's as ``[layers, 1, 1]`` (the result is then
+        ``[layers, batch, seq]``)."""
+        inf = float("inf")
+        warm = self.is_warm(positions)
+        if forced is None:
+            return torch.where(warm, 0.0, -inf)
+        bias = torch.where(forced == FORCE_SKIP, inf, torch.where(forced == FORCE_COMPUTE, -inf, 0.0))
+        return torch.where(warm, bias, -inf)
+
     def gate(self, skip: Tensor, positions: Tensor, forced: Tensor | None) -> Tensor:
-        """The gating every policy shares: the override `forced` (1 skip, -1 compute, 0 rule), then warm-up.
-        `skip` is ``[batch, seq]`` (or ``[layers, batch, seq]`` with `forced` ``[layers, 1, 1]``)."""
-        if forced is not None:
-            if skip.dtype == torch.bool:
-                skip = (skip | (forced == FORCE_SKIP)) & (forced != FORCE_COMPUTE)  # no bool Where: ORT lacks it
-            else:
-                skip = torch.where(forced == FORCE_SKIP, 1.0, torch.where(forced == FORCE_COMPUTE, 0.0, skip))
-        warm = self.is_warm(positions).expand(skip.shape)
-        return skip & warm if skip.dtype == torch.bool else skip * warm.to(skip.dtype)
+        """The rule's decisions `skip` (``[batch, seq]``, or ``[layers, batch, seq]`` with `forced` ``[layers, 1,
+        1]``) under the gating of :meth:`gate_bias`: bool decisions stay bool, training's float ones stay float."""
+        bias = self.gate_bias(positions, forced).expand(skip.shape)
+        if skip.dtype == torch.bool:
+            return torch.where(skip, 1.0, -1.0) + bias > 0
+        return torch.where(bias > 0, 1.0, torch.where(bias < 0, 0.0, skip))
 
 
 def shape_of(config: SkipConfig) -> dict[str, Any]:

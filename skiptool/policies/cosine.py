@@ -63,8 +63,8 @@ class CosineGreedy(SkipPolicy):
     def init_state(self, h: Tensor) -> Tensor:
         return torch.zeros(h.shape[:2], dtype=torch.int64, device=h.device)
 
-    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        return state > 0
+    def score(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        return torch.where(state > 0, 1.0, -1.0)
 
     def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> Tensor:
         saturated = saturation(h_mid, delta) > self.thresholds[layer]

@@ -43,6 +43,6 @@ class RandomSkip(SkipPolicy):
     def from_config(cls, config: SkipConfig, params: Any) -> "RandomSkip":
         return cls(**shape_of(config), rate=params.rate, seed=params.seed)
 
-    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+    def score(self, s: LayerSignals, state: Tensor | None) -> Tensor:
         draw = torch.rand(s.x.shape[:2], generator=self.generator)
-        return (draw < self.rate).to(s.x.device)
+        return torch.where(draw < self.rate, 1.0, -1.0).to(s.x.device)

@@ -41,10 +41,10 @@ class StaticMask(SkipPolicy):
     def from_config(cls, config: SkipConfig, params: Any) -> "StaticMask":
         return cls(**shape_of(config), skip_layers=params.skip_layers)
 
-    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        return self.mask[s.layer].expand(s.x.shape[:2])
+    def score(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        return torch.where(self.mask[s.layer], 1.0, -1.0).expand(s.x.shape[:2])
 
     def rule_all(self, positions: Tensor) -> Tensor | None:
-        if type(self).rule is not StaticMask.rule:
+        if not self.keeps_rule_of(StaticMask):
             return None
         return self.mask.view(-1, 1, 1).expand(self.num_layers, *positions.shape)
