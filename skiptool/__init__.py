@@ -1,15 +1,18 @@
 """skiptool: adaptive FFN skipping for decoder-only LLMs.
 
-The small Python API::
+The small Python API (what the CLI runs)::
 
-    from skiptool import load_model, load_config, build_policy, apply_skip
+    from skiptool import generate, load_config, load_model, open_runtime
     lm = load_model("smollm2-135m")
-    runtime = apply_skip(lm.model, lm.adapter, build_policy(load_config("out/skip_config.json")))
+    runtime = open_runtime(lm.model, lm.adapter, load_config("out/skip_config.json"))  # policy + stand-ins
+    result = generate(lm, "What is the capital of France?")                             # through the runtime
+    print(result.text, result.tokens_per_s, result.skip_ratio)
+    runtime.remove()                                                                    # the dense model again
 """
 
 from __future__ import annotations
 
-from typing import Any
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,17 +26,16 @@ _EXPORTS = {
     "build_policy": "skiptool.policies",
     "SkipPolicy": "skiptool.policies",
     "apply_skip": "skiptool.runtime",
+    "open_runtime": "skiptool.runtime",
     "skipping": "skiptool.runtime",
+    "generate": "skiptool.generate",
+    "evaluate": "skiptool.evaluate",
+    "ExportRequest": "skiptool.exporters",
+    "run_export": "skiptool.exporters",
     "SkipToolError": "skiptool.errors",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """Import lazily so ``import skiptool`` (and ``skiptool --help``) stays fast."""
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'skiptool' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ Triton is optional: only :mod:`.triton_ffn` imports it, when a CUDA tensor reach
 
 from __future__ import annotations
 
-from typing import Any
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "EngineBackend": "skiptool.gpu.backend",
@@ -43,10 +43,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """Import lazily, so ``import skiptool.gpu`` stays light."""
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'skiptool.gpu' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

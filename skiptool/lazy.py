@@ -1,0 +1,18 @@
+"""Lazy package attributes: a package names what it exports and where it lives, and imports it on first use, so
+``import skiptool`` (and ``skiptool --help``) stays fast."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving `exports` (name -> module that defines it) for `package`."""
+
+    def attribute(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return attribute
