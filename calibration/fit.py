@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
-from ..config import CONFIG_FILENAME, ArtifactRef, SkipConfig, dense_config
-from ..data import DataSpec, token_blocks
+from ..config import CONFIG_FILENAME, ArtifactRef, SkipConfig, check_warmup_fits, dense_config
+from ..data import DataSpec, check_blocks, check_data, token_blocks
 from ..errors import ConfigError, SkipToolError
 from ..fileio import atomic_directory, check_output_dir, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals, RandomSkip
@@ -368,6 +368,7 @@ def run_calibrate(source: str, data: DataSpec, settings: CalibrationSettings, ou
     check_device(device)
     _check_settings(settings)
     check_output_dir(out_dir)
+    check_data(data)
     lm = load_model(source, device=device)
     return calibrate(lm.model, lm.adapter, lm.tokenizer, data, settings, out_dir, source, plot, progress)
 
@@ -394,10 +395,9 @@ def _check_settings(s: CalibrationSettings) -> None:
         raise SkipToolError(f"--target-skip must be in (0, 1), got {s.target_skip}")
     if s.target_saved is not None and not 0 < s.target_saved < 1:
         raise SkipToolError(f"--target-saved must be in (0, 1), got {s.target_saved}")
-    if s.samples < 1:
-        raise SkipToolError("--samples must be at least 1")
-    if s.warmup is not None and s.warmup >= s.seq_len:
-        raise SkipToolError(f"--warmup ({s.warmup}) must be shorter than --seq-len ({s.seq_len})")
+    check_blocks(s.samples, s.seq_len)
+    if s.warmup is not None:
+        check_warmup_fits(s.warmup, s.seq_len)
     if s.cost_blocks < 1:
         raise SkipToolError("the cost measurements need at least 1 block")
     if s.greedy_k < 1:

@@ -181,6 +181,8 @@ def load_config(path: str | Path) -> SkipConfig:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"skip config not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"skip config {path} is not UTF-8 text (a skip_config.json written by skiptool is)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read skip config {path}: {exc.strerror or exc}") from None
     try:
@@ -188,6 +190,14 @@ def load_config(path: str | Path) -> SkipConfig:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"skip config {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
     return SkipConfig.from_dict(data, base_dir=path.parent.resolve())
+
+
+def check_warmup_fits(warmup: int, seq_len: int) -> None:
+    """One clear error line unless sequences of `seq_len` tokens reach past a warm-up of `warmup` positions (the
+    positions that never skip): calibration, training and evaluation would have no token to learn from or skip."""
+    if warmup >= seq_len:
+        raise ConfigError(f"the warm-up ({warmup} positions, which never skip) must be shorter than the sequences "
+                          f"({seq_len} tokens): use a longer --seq-len or a shorter warm-up")
 
 
 def dense_config(model: Any, source: str = "", cold_start: int = 2, cold_end: int = 2, warmup: int = 32) -> SkipConfig:

@@ -30,6 +30,13 @@ class DataSpec:
     split: str = "test"
     part: tuple[float, float] = (0.0, 1.0)
 
+    def __post_init__(self) -> None:
+        for name, hint in _EMPTY_HINTS.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{hint} (got {value!r})")
+        check_part(*self.part)
+
     def same_text(self, other: "DataSpec") -> bool:
         """Whether both name the same text (the same file, dataset split and field)."""
         return (_canonical(self.source), self.field, self.split) == (_canonical(other.source), other.field,
@@ -38,6 +45,12 @@ class DataSpec:
     def overlaps(self, other: "DataSpec") -> bool:
         """Whether the two specs select overlapping parts of the same text."""
         return self.same_text(other) and self.part[0] < other.part[1] and other.part[0] < self.part[1]
+
+
+_EMPTY_HINTS = {"source": "--data is empty: name a text or JSONL file or a Hugging Face dataset, or leave --data out "
+                          "for the built-in excerpt",
+                "field": "--field is empty: name the text field of the JSONL records or dataset rows",
+                "split": "--split is empty: name a dataset split, e.g. test"}
 
 
 def _canonical(source: str) -> str:
@@ -52,9 +65,29 @@ def parse_part(text: str) -> tuple[float, float]:
         start, end = float(start_s or 0.0), float(end_s or 1.0)
     except ValueError:
         raise DataError(f"--part must look like START:END with fractions, e.g. 0:0.5 (got {text!r})") from None
+    return check_part(start, end)
+
+
+def check_part(start: float, end: float) -> tuple[float, float]:
+    """``(start, end)`` if it is a part of a text, ``0 <= start < end <= 1``; one clear error line otherwise."""
     if not 0.0 <= start < end <= 1.0:
-        raise DataError(f"--part needs 0 <= START < END <= 1 (got {text!r})")
+        raise DataError(f"--part needs 0 <= START < END <= 1 (got {start:g}:{end:g})")
     return start, end
+
+
+def check_blocks(num_blocks: int | None, seq_len: int) -> None:
+    """One clear error line unless text can be cut into `num_blocks` (None: all there are) blocks of `seq_len`
+    tokens: a block needs 2 tokens (one predicts the next), and a count at least 1."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 tokens (got {seq_len})")
+    if num_blocks is not None and num_blocks < 1:
+        raise DataError(f"--samples must be at least 1 block (got {num_blocks})")
+
+
+def check_data(spec: DataSpec) -> None:
+    """Read the text `spec` names, so a missing, unreadable or empty source (or one without the field) fails in one
+    line before a model is loaded; its token count is checked when it is cut into blocks."""
+    load_text(spec)
 
 
 def load_text(spec: DataSpec) -> str:
@@ -73,8 +106,7 @@ def token_blocks(tokenizer: Any, spec: DataSpec, seq_len: int, num_blocks: int |
 
     Blocks are consecutive and never overlap; the remainder is dropped.
     """
-    if seq_len < 2:
-        raise DataError("sequence length must be at least 2")
+    check_blocks(num_blocks, seq_len)
     ids = tokenizer(load_text(spec), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     bos = tokenizer.bos_token_id
     body = seq_len - 1 if bos is not None else seq_len

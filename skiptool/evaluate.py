@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import ArchAdapter
-from .config import SkipConfig
-from .data import DataSpec, token_blocks
+from .config import SkipConfig, check_warmup_fits
+from .data import DataSpec, check_blocks, check_data, token_blocks
 from .errors import SkipToolError
 from .fileio import atomic_directory, write_json_atomic
 from .policies import RandomSkip, SkipPolicy, StaticMask
@@ -132,14 +132,19 @@ def run_eval(source: str, config_path: str | Path, data: DataSpec, samples: int 
     from .policies import check_policy
 
     check_device(device)
-    if samples < 1 or seq_len < 2:
-        raise SkipToolError(f"--samples must be >= 1 and --seq-len >= 2 (got {samples}, {seq_len})")
+    check_blocks(samples, seq_len)
     config = load_config(config_path)
     check_policy(config, threshold=router_threshold)
     check_held_out(config, data, allow_overlap)
+    check_warmup_fits(config.warmup, seq_len)
+    if sweep_targets:
+        check_sweep(config, curves if curves is not None else default_curves(config))
+    elif curves is not None or calibration_samples is not None:
+        raise SkipToolError("--curves and --calib-samples shape a sweep; add --sweep")
     out = out_dir if out_dir is not None or not sweep_targets else (config.base_dir or Path("."))
     if out is not None:
         check_output_dir(out)
+    check_data(data)
     lm = load_model(source, device=device)
     return evaluate(lm.model, lm.adapter, lm.tokenizer, config, data, samples, seq_len,
                     sweep_targets=sweep_targets, curves=curves if curves is not None else default_curves(config),
@@ -152,6 +157,21 @@ def default_curves(config: SkipConfig) -> list[str]:
     when the config has stand-ins, ``router+standin`` for a router config."""
     routers = ["router"] + (["router+standin"] if config.standin is not None else [])
     return list(DEFAULT_CURVES) + (routers if config.policy.kind == "router" else [])
+
+
+def check_sweep(config: SkipConfig, curves: Sequence[str | tuple[str, CurveFactory]]) -> None:
+    """One clear error line, before any work, unless `curves` name at least one curve and each can run on `config`."""
+    if not curves:
+        raise SkipToolError("--curves names no curve; e.g. --curves cosine,random")
+    names = [c[0] if isinstance(c, tuple) else c for c in curves]
+    for name in names:
+        curve_named(name)
+    routers = [n for n in names if n in ("router", "router+standin")]
+    if routers and config.policy.kind != "router":
+        raise SkipToolError(f"the {routers[0]} curve runs a router config's routers; this config's policy is "
+                            f"{config.policy.kind} (train routers with `skiptool train-router`)")
+    if "router+standin" in names and config.standin is None:
+        raise SkipToolError("the router+standin curve needs a router config with stand-ins; this one has none")
 
 
 def check_held_out(config: SkipConfig, data: DataSpec, allow_overlap: bool = False) -> None:
@@ -179,9 +199,10 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
     """Perplexity dense vs `config` on `data` (and, with `sweep_targets`, a sweep); optionally write `out_dir`."""
     config.check_matches(model)
     check_held_out(config, data, allow_overlap)
+    if sweep_targets:
+        check_sweep(config, curves)
     blocks = token_blocks(tokenizer, data, seq_len, samples)
-    if config.warmup >= blocks.shape[1]:
-        raise SkipToolError(f"warm-up ({config.warmup}) covers the whole sequence ({seq_len}): nothing can skip")
+    check_warmup_fits(config.warmup, int(blocks.shape[1]))
     from .info import decode_weight_bytes
 
     dense = token_nll(torch_logits_fn(model), blocks, batch_size, _phase(progress, "dense"))
@@ -206,15 +227,22 @@ def evaluate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, config: Ski
 
 
 def evaluate_export(folder: str | Path, data: DataSpec, samples: int = 16, seq_len: int = 512,
-                    progress: Progress | None = None, allow_overlap: bool = False) -> EvalResult:
+                    progress: Progress | None = None, allow_overlap: bool = False,
+                    out_dir: str | Path | None = None) -> EvalResult:
     """``skiptool eval --onnx DIR``: perplexity of an exported graph with its policy against the same graph forced
-    dense (``skip_mask`` all -1, which equals the dense model), on the same token blocks (ONNX Runtime)."""
+    dense (``skip_mask`` all -1, which equals the dense model), on the same token blocks (ONNX Runtime); with
+    `out_dir`, ``eval.json`` is written there (a bad `out_dir` fails before the work)."""
     from .backends.onnxruntime import OrtBackend
     from .config import CONFIG_FILENAME, load_config
+    from .fileio import check_output_dir
     from .models import load_tokenizer
 
+    check_blocks(samples, seq_len)
     if (Path(folder) / CONFIG_FILENAME).is_file():
         check_held_out(load_config(Path(folder) / CONFIG_FILENAME), data, allow_overlap)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    check_data(data)
     backend = OrtBackend(folder)
     blocks = token_blocks(load_tokenizer(folder), data, seq_len, samples)
 
@@ -228,9 +256,12 @@ def evaluate_export(folder: str | Path, data: DataSpec, samples: int = 16, seq_l
     skip = nll(None, f"skip ({backend.manifest.policy})")
     ratio, per_layer = backend.skip_ratio() or 0.0, backend.per_layer_skip()
     agreement = greedy_agreement(backend, backend.io.num_layers, blocks, _phase(progress, "greedy agreement"))
-    return EvalResult(perplexity(dense), perplexity(skip), ratio, per_layer,
-                      backend.manifest.policy, int(blocks.shape[0]), int(blocks.shape[1]),
-                      {**_data_record(data), "onnx": str(folder)}, greedy_agreement=agreement)
+    result = EvalResult(perplexity(dense), perplexity(skip), ratio, per_layer,
+                        backend.manifest.policy, int(blocks.shape[0]), int(blocks.shape[1]),
+                        {**_data_record(data), "onnx": str(folder)}, greedy_agreement=agreement)
+    if out_dir is not None:
+        result.paths = write_eval(result, out_dir)
+    return result
 
 
 AGREEMENT_STEPS = 32

@@ -167,14 +167,12 @@ def eval_command(
     spec = data_spec(data, field, split, part)
     with phase_progress() as progress:
         if onnx_dir is not None:
-            if config is not None or sweep or router_threshold is not None:
+            if config is not None or sweep or any(v is not None for v in (router_threshold, curves, calib_samples)):
                 raise SkipToolError("--onnx evaluates the exported graph with its own policy; drop --config, --sweep "
-                                    "and --router-threshold")
-            from ..evaluate import evaluate_export, write_eval
+                                    "(--curves, --calib-samples) and --router-threshold")
+            from ..evaluate import evaluate_export
 
-            result = evaluate_export(onnx_dir, spec, samples, seq_len, progress, allow_overlap)
-            if output is not None:
-                result.paths = write_eval(result, output)
+            result = evaluate_export(onnx_dir, spec, samples, seq_len, progress, allow_overlap, output)
         else:
             if config is None:
                 raise SkipToolError("eval needs --config (a skip config) or --onnx (an export folder)")
