@@ -43,24 +43,20 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
     """Load the model, plan every run, measure them interleaved and return the JSON-ready report."""
     import torch
 
-    from ..accelerators import check_device
     from ..config import load_config
     from ..models import load_model
     from ..policies import check_policy
 
-    check_device(req.device)
-    if req.repeats < 1 or req.new_tokens < 2:
-        raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
-    for folder in req.onnx:  # a bad folder fails before the model loads
-        read_manifest(folder)
+    check_request(req)
     threads = req.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     config = load_config(req.config) if req.config is not None else \
         next(filter(None, (config_beside(Path(d)) for d in req.onnx)), None)
+    if config is not None:
+        check_policy(config)
     lm = load_model(req.model, decode_dtype(req.device, req.dtype), req.device, needs_tokenizer=False)
     if config is not None:
         config.check_matches(lm.model)
-        check_policy(config)
     m = Measurement(_prompts(req, lm), req.new_tokens, req.repeats, req.warmup, _quality_blocks(req, lm))
     max_length = max(req.prompt_tokens + req.new_tokens, req.quality_tokens) + 16
     specs = plan_runs(req, lm, config, threads, max_length)
@@ -77,6 +73,50 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
         "memory": {"process_peak_rss_mib": peak_rss_mib()},
         "runs": summarise(results),
     }
+
+
+def check_request(req: BenchRequest) -> None:
+    """One clear error line, before the model loads, for a benchmark that cannot run as asked."""
+    from ..accelerators import check_device
+    from ..data import DataSpec, check_blocks, check_data
+
+    check_device(req.device)
+    if req.repeats < 1 or req.new_tokens < 2:
+        raise SkipToolError("--repeats must be >= 1 and --new-tokens >= 2")
+    cores = os.cpu_count() or 1
+    if req.threads is not None and not 1 <= req.threads <= cores:
+        raise SkipToolError(f"--threads must be between 1 and the {cores} CPU cores here (got {req.threads})")
+    check_ratios(req.skip_ratios)
+    check_blocks(req.num_prompts, req.prompt_tokens)
+    if not (req.torch or req.peers or req.onnx or req.device.startswith("cuda")):
+        raise SkipToolError("nothing to run: --no-torch and --no-peers leave no run; add an export (--onnx DIR)")
+    for folder in req.onnx:
+        check_export_folder(folder)
+    if req.data is not None:
+        check_data(DataSpec(req.data))
+
+
+def check_export_folder(folder: str | Path) -> None:
+    """Fail in one line unless `folder` is an export bench can run: its manifest and the graph it names readable."""
+    from google.protobuf.message import DecodeError
+
+    from .plans import ExportPlan
+
+    try:
+        ExportPlan.of(folder, None)
+    except (DecodeError, OSError) as exc:
+        raise SkipToolError(f"{folder}: cannot read the graph its manifest names ({read_manifest(folder).file}): "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; re-export it") from None
+
+
+def check_report_paths(*paths: Path | None) -> None:
+    """Fail in one line, before the work, unless each given path is a file that can be written."""
+    from ..fileio import check_output_dir
+
+    for path in filter(None, paths):
+        if path.is_dir():
+            raise SkipToolError(f"{path} is a folder; name a file to write to")
+        check_output_dir(path.parent)
 
 
 def _prompts(req: BenchRequest, lm: Any) -> list[list[int]]:
@@ -130,12 +170,19 @@ def _versions() -> dict[str, str | None]:
 
 def parse_ratios(text: str | None) -> list[float]:
     """``"0.25,0.5"`` -> ``[0.25, 0.5]``, each in [0, 1]."""
-    if not text:
+    if text is None:
         return []
     try:
         ratios = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise SkipToolError(f"--skip-ratio must be comma-separated numbers, e.g. 0.25,0.5 (got {text!r})") from None
+    if not ratios:
+        raise SkipToolError(f"--skip-ratio names no ratio (got {text!r}); e.g. --skip-ratio 0.25,0.5")
+    return check_ratios(ratios)
+
+
+def check_ratios(ratios: list[float]) -> list[float]:
+    """`ratios` if each forced skip ratio is in [0, 1]; one clear error line otherwise."""
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
         raise SkipToolError(f"skip ratios must be in [0, 1] (got {bad[0]})")

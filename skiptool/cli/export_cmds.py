@@ -95,13 +95,13 @@ def bench(
     on the host ("host sync", what an ONNX If costs on a GPU). A random:SHAPE model decodes random prompt ids.
     """
     from ..bench import BenchRequest, bench_table, parse_ratios, report_markdown, run_bench, write_plot
-    from ..fileio import check_output_dir, write_json_atomic, write_text_atomic
+    from ..bench.run import check_report_paths
+    from ..fileio import write_json_atomic, write_text_atomic
 
     if spin not in ("on", "off"):
         raise SkipToolError(f"--spin must be on or off (got {spin!r})")
-    for out in (json_path, plot, markdown):
-        if out is not None:
-            check_output_dir(out.parent)
+    plot = plot or (json_path.with_suffix(".png") if json_path is not None else None)
+    check_report_paths(json_path, plot, markdown)
     req = BenchRequest(model=model, config=config, onnx=list(onnx or []), skip_ratios=parse_ratios(skip_ratio),
                        new_tokens=new_tokens, repeats=repeats, threads=threads, spin=spin == "on", quality=quality,
                        data=data, prompt_tokens=prompt_tokens, peers=not no_peers, torch=not no_torch,
@@ -121,7 +121,6 @@ def bench(
         err_console.print(f"[dim]report: {json_path}[/]")
     if markdown is not None:
         write_text_atomic(markdown, report_markdown(report))
-    plot = plot or (json_path.with_suffix(".png") if json_path is not None else None)
     if plot is not None:
         write_plot(report, plot)
         err_console.print(f"[dim]plot: {plot}[/]")
