@@ -72,5 +72,20 @@ EXPORT_TARGETS: Registry[ExportTarget] = Registry("export format")
 
 
 def run_export(fmt: str, request: ExportRequest, progress: Progress | None = None) -> ExportReport:
-    """Export with the target named `fmt`."""
-    return EXPORT_TARGETS.get(fmt).export(request, progress or (lambda _message: None))
+    """Export with the target named `fmt` (the request's paths and skip config checked before any work)."""
+    target = EXPORT_TARGETS.get(fmt)
+    check_request_files(request)
+    return target.export(request, progress or (lambda _message: None))
+
+
+def check_request_files(request: ExportRequest) -> None:
+    """One clear error line, before the model loads, for an output folder that cannot be written or a skip config
+    that cannot be read or whose policy is malformed (whether it fits the model is checked once the model is
+    loaded)."""
+    from skiptool.config import load_config
+    from skiptool.fileio import check_output_dir
+    from skiptool.policies import check_policy
+
+    check_output_dir(request.out_dir)
+    if request.config_path is not None:
+        check_policy(load_config(request.config_path))
