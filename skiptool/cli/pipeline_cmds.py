@@ -163,7 +163,19 @@ def eval_command(
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Evaluate a `skiptool export` folder with ONNX "
                                             "Runtime: its policy against the same graph forced dense."),
 ) -> None:
-    """Perplexity of the dense and the skipping model on the same held-out tokens, and the realised skip ratio."""
+    """Perplexity of the dense and the skipping model on the same held-out tokens, and the realised skip ratio.
+
+    Compared: the dense model against the config's policy (with --onnx: the exported graph forced dense, skip_mask
+    all -1, against the same graph deciding), on the same token blocks. Rows: perplexity dense and skipping (change);
+    realised FFN skip ratio = skipped FFN blocks / (all layers x all positions); FFN weight bytes saved (stand-ins'
+    own bytes counted) and the ideal decode speedup that saving allows; greedy agreement = share of decode steps
+    whose greedy token with skipping equals the dense model's, along the dense continuation of held-out prompts;
+    per layer = each layer's skip ratio. --sweep compares curves at equal realised skip ratios: each curve is
+    refitted for each target on the config's calibration data and run on the evaluation tokens; a cell is
+    perplexity @ realised ratio (– out of reach). Curves: cosine (FFN-SkipLLM thresholds), random (random
+    eligible tokens), static (whole most-saturated layers), router (the config's routers); +standin: with
+    closed-form (router: trained) stand-ins in place of skipped FFNs; BASE+KIND:SIZE: stand-ins of that kind.
+    """
     spec = data_spec(data, field, split, part)
     with phase_progress() as progress:
         if onnx_dir is not None:

@@ -16,8 +16,11 @@ from .tables import info_table
 def info(model: str = ModelArg, as_json: bool = JsonOpt) -> None:
     """Show a model's shape and the ideal decode speedup that FFN skipping can reach on it.
 
-    The ideal is Amdahl's law on the weight bytes read per decoded token: at a skip ratio r, decoding reads
-    1 - r x (FFN share of the bytes) of what it read dense.
+    Rows: the shape (layers, hidden and FFN sizes, attention and KV heads, vocabulary, weight dtype); parameters;
+    weight bytes read / token = every layer's weights and the LM head, read once per decoded token (what bounds
+    decoding at batch 1); FFN share = the FFN weights' share of those bytes; ideal decode speedup at r FFN skip =
+    Amdahl's law on those bytes: at a skip ratio r decoding reads 1 - r x (FFN share) of what it read dense, so it
+    is at best 1 / (1 - r x FFN share) times as fast.
     """
     from ..info import describe
 
@@ -50,7 +53,9 @@ def generate(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Run the TensorRT engine of a `--format tensorrt` "
                                           "folder (same as --onnx DIR --runtime tensorrt)."),
 ) -> None:
-    """Generate text, streaming it, then print decode tokens/s and the realised FFN skip ratio (decode steps).
+    """Generate text, streaming it, then one line: tokens generated, decode tokens/s (prefill excluded) and where
+    they ran, the prefill time, the policy, and the realised FFN skip ratio (skipped FFN blocks over all layers and
+    the decode steps; – when the runtime cannot see its decisions).
 
     --device cuda decodes on the GPU decode path: a static KV cache, the skip decisions on the device and each
     decode step one CUDA graph."""

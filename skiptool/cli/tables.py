@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 
 
@@ -33,7 +34,7 @@ def layer_stats_table(stats: dict[str, Any]) -> Table:
     table = Table(title=f"layer statistics ({stats['num_blocks']} x {stats['seq_len']} tokens, after warm-up "
                         f"{stats['warmup']})", title_justify="left")
     for col in ("layer", "cos", "cos q05", "FFN/h", "attn~FFN", "AUC", "threshold", "skip"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in stats["layers"]:
         table.add_row(str(r["layer"]), f"{r['saturation']['mean']:.4f}", f"{r['saturation']['q05']:.4f}",
                       f"{r['ffn_ratio']['mean']:.3f}", f"{r['attn_ffn_cos']['mean']:+.3f}", f"{r['probe_auc']:.3f}",
@@ -56,22 +57,38 @@ def eval_table(result: Any) -> Table:
                      f"{d['part'][0]:g}:{d['part'][1]:g})", rows)
 
 
-def sweep_table(sweep: dict[str, Any]) -> Table:
-    """Perplexity at the realised skip ratio, one column per curve (names shortened to fit)."""
-    table = Table(title="sweep: perplexity @ realised skip ratio", title_justify="left")
-    table.add_column("target", justify="right")
-    for name in sweep["curves"]:
-        table.add_column(name.replace("+standin", "+SI"), justify="right", overflow="fold")
-    for i, target in enumerate(sweep["targets"]):
-        cells = [_sweep_cell(points[i]) for points in sweep["curves"].values()]
-        table.add_row(f"{target:.0%}", *cells)
+SWEEP_TARGETS_PER_TABLE = 5  # a curve name and five "23.4@25%" cells fit 80 columns
+
+
+def sweep_table(sweep: dict[str, Any]) -> Group:
+    """eval --sweep: one row per curve, one column per target skip ratio (five targets a table, so any number of
+    curves and targets fits 80 columns); a cell is the perplexity @ the skip ratio realised on the evaluation tokens
+    (curves are compared at equal realised ratios, not targets); – = target out of the curve's reach."""
+    targets = sweep["targets"]
+    parts = [range(i, min(i + SWEEP_TARGETS_PER_TABLE, len(targets)))
+             for i in range(0, len(targets), SWEEP_TARGETS_PER_TABLE)]
+    title = f"sweep: perplexity @ realised skip ratio, by target skip ratio (dense {_ppl(sweep['ppl_dense'])})"
+    return Group(*(_sweep_part(sweep, part, title if n == 0 else None) for n, part in enumerate(parts)))
+
+
+def _sweep_part(sweep: dict[str, Any], indices: range, title: str | None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("curve \\ target", overflow="fold")
+    for i in indices:
+        table.add_column(f"{sweep['targets'][i]:.0%}", justify="right", overflow="fold")
+    for name, points in sweep["curves"].items():
+        table.add_row(name, *(_sweep_cell(points[i]) for i in indices))
     return table
 
 
 def _sweep_cell(point: dict[str, Any]) -> str:
     if point.get("ppl") is None:
         return "–"
-    return f"{point['ppl']:.1f}@{point['skip_ratio']:.0%}"
+    return f"{_ppl(point['ppl'])}@{point['skip_ratio']:.0%}"
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def export_table(report: Any) -> Table:
