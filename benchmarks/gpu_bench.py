@@ -135,7 +135,7 @@ def random_router_policy(num_layers: int, skippable: list[int], hidden: int, tar
     routers = Routers(hidden, skippable)
     within = min(0.99, target * num_layers / len(skippable))
     generator = torch.Generator().manual_seed(0)
-    for linear in routers.linears.values():
+    for linear in routers.nets.values():
         linear.weight.data = torch.randn(linear.weight.shape, generator=generator) / math.sqrt(hidden)
         linear.bias.data.fill_(statistics.NormalDist().inv_cdf(within))
     return RouterPolicy(num_layers, skippable, warmup=0, routers=routers, threshold=0.5)

@@ -209,7 +209,7 @@ def fit_initial_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConf
         w = torch.linalg.solve(xtx + reg, x.T @ torch.cat(probe.targets[i]).double()).float()
         pred = x.float() @ w
         scale = sharpness / pred.std().clamp_min(1e-6).item()
-        lin = routers.linears[str(i)]
+        lin = routers.nets[str(i)]
         lin.weight.data = (-scale * w[:-1]).view(1, -1)  # a small predicted contribution -> a high skip logit
         lin.bias.data = torch.tensor([-scale * (w[-1].item() - _quantile(pred, rate))])
     return routers
@@ -352,7 +352,7 @@ def _logit_capture(routers: Routers | None) -> Iterator[list[Tensor]]:
         yield captured
         return
     handles = [lin.register_forward_hook(lambda m, i, o: captured.append(o.detach().squeeze(-1).float().cpu()))
-               for lin in routers.linears.values()]
+               for lin in routers.nets.values()]
     try:
         yield captured
     finally:

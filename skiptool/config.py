@@ -48,8 +48,9 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    """A weights file next to the config (router or stand-in) with its size (a stand-in's rank or neurons) and,
-    for a stand-in, its kind (:data:`skiptool.standins.STANDIN_KINDS`)."""
+    """A weights file next to the config (router or stand-in) with its size (a stand-in's rank or neurons) and
+    its kind (a stand-in's: :data:`skiptool.standins.STANDIN_KINDS`; a router's: ``skiptool.policies.ROUTER_KINDS``,
+    checked against the file's own when the policy loads)."""
 
     path: str
     rank: int | None = None

@@ -53,7 +53,7 @@ def tiny_config(base: Path, kind: str) -> Path:
     elif kind == "router":
         routers = Routers(model.config.hidden_size, SKIPPABLE)
         g = torch.Generator().manual_seed(3)
-        for lin in routers.linears.values():
+        for lin in routers.nets.values():
             lin.weight.data = torch.randn(lin.weight.shape, generator=g)
         routers.save(folder / "router.safetensors")
         cfg = cfg.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5)

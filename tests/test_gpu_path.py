@@ -138,7 +138,7 @@ def tiny():
 def _random_routers(hidden: int) -> Routers:
     routers = Routers(hidden, SKIPPABLE)
     g = torch.Generator().manual_seed(3)
-    for linear in routers.linears.values():
+    for linear in routers.nets.values():
         linear.weight.data = torch.randn(linear.weight.shape, generator=g)
     return routers
 

@@ -60,7 +60,7 @@ def torch_model(hf_dir):
 def _routers(seed: int = 3) -> Routers:
     routers = Routers(HIDDEN, SKIPPABLE)
     g = torch.Generator().manual_seed(seed)
-    for lin in routers.linears.values():
+    for lin in routers.nets.values():
         lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.5
         lin.bias.data = torch.randn(lin.bias.shape, generator=g)
     return routers

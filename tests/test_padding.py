@@ -42,7 +42,7 @@ def folder(tmp_path_factory) -> Path:
     config = dense_config(lm.model, "tiny", cold_start=1, cold_end=1, warmup=WARMUP)
     routers = Routers(HIDDEN, config.skippable_layers)
     g = torch.Generator().manual_seed(7)
-    for lin in routers.linears.values():
+    for lin in routers.nets.values():
         lin.weight.data = torch.randn(lin.weight.shape, generator=g)
     routers.save(base / "config" / "router.safetensors")
     config.evolve(router=ArtifactRef("router.safetensors")).with_policy("router", threshold=0.5).save(base / "config")

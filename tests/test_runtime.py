@@ -36,7 +36,7 @@ def _ids(batch: int = 1, seq: int = 16, seed: int = 1) -> torch.Tensor:
 def _random_routers(hidden: int = 32, seed: int = 3) -> Routers:
     routers = Routers(hidden, SKIPPABLE)
     g = torch.Generator().manual_seed(seed)
-    for lin in routers.linears.values():
+    for lin in routers.nets.values():
         lin.weight.data = torch.randn(lin.weight.shape, generator=g)
         lin.bias.data.zero_()
     return routers

@@ -19,9 +19,9 @@ from .never import NeverSkip  # noqa: E402,I001 - the built-in kinds register th
 from .static import StaticMask  # noqa: E402
 from .cosine import CosineGreedy, saturation  # noqa: E402
 from .random_skip import RandomSkip  # noqa: E402
-from .router import ESTIMATORS, RouterPolicy, Routers, router_features  # noqa: E402
+from .router import DEFAULT_ROUTER_KIND, ESTIMATORS, ROUTER_KINDS, RouterPolicy, Routers, router_features  # noqa: E402
 
-__all__ = ["block_positions", "is_warm", "CosineGreedy", "ESTIMATORS", "FORCE_COMPUTE", "FORCE_SKIP", "LayerSignals", "NeverSkip", "POLICIES",
+__all__ = ["block_positions", "is_warm", "CosineGreedy", "DEFAULT_ROUTER_KIND", "ESTIMATORS", "ROUTER_KINDS", "FORCE_COMPUTE", "FORCE_SKIP", "LayerSignals", "NeverSkip", "POLICIES",
            "PolicyParams", "RandomSkip", "RouterPolicy", "Routers", "SkipPolicy", "StaticMask", "build_policy",
            "check_policy", "policy_params", "positions_from_mask", "register_policy", "router_features",
            "saturation", "shape_of"]

@@ -1,4 +1,12 @@
-"""``router``: DiffSkip — a tiny per-layer router reads the attention delta and decides whether the FFN runs."""
+"""``router``: DiffSkip — a tiny per-layer router reads the attention delta and decides whether the FFN runs.
+
+Router kinds (:data:`ROUTER_KINDS`, one small module each, registered by name): every kind ends in one
+``Linear(*, 1)``, its ``head``, over a ``basis(features)``, so the closed-form initial fit
+(:mod:`skiptool.calibration.router_init`) is one ridge regression for every kind.
+
+- ``linear``: ``Linear(hidden, 1)`` on :func:`router_features` (the basis is the features themselves).
+- ``bottleneck``: ``hidden -> hidden/16 -> 1`` with a SiLU (the basis is ``silu(down(features))``).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..fileio import read_safetensors, save_safetensors_atomic
+from ..registry import Registry
 from .base import LayerSignals, PolicyParams, SkipPolicy, is_number, shape_of
 from .registry import register_policy
 
 ESTIMATORS = ("ste", "gumbel")
+DEFAULT_ROUTER_KIND = "linear"
+BOTTLENECK_RATIO = 16  # a bottleneck router's width is hidden_size / 16
+ROUTER_KINDS: Registry[type[nn.Module]] = Registry("router kind")
 
 
 def router_features(attn_delta: Tensor) -> Tensor:
@@ -25,52 +38,106 @@ def router_features(attn_delta: Tensor) -> Tensor:
     return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+@ROUTER_KINDS.add("linear")
+class LinearRouter(nn.Linear):
+    """``Linear(hidden, 1)`` on the features, starting at zero (saved as ``weight`` and ``bias``)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__(hidden_size, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final ``Linear(*, 1)``: here the router itself."""
+        return self
+
+    def basis(self, features: Tensor) -> Tensor:
+        """What :attr:`head` reads: the features."""
+        return features
+
+
+@ROUTER_KINDS.add("bottleneck")
+class BottleneckRouter(nn.Module):
+    """``up(silu(down(features)))`` with ``down: hidden -> hidden/16`` and ``up: hidden/16 -> 1`` (``up`` starts at
+    zero; ``down`` at a seeded random orthogonal map, which the closed-form fit may replace)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        width = max(1, hidden_size // BOTTLENECK_RATIO)
+        self.down = nn.Linear(hidden_size, width)
+        self.up = nn.Linear(width, 1)
+        nn.init.orthogonal_(self.down.weight, generator=torch.Generator().manual_seed(0))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final ``Linear(width, 1)``."""
+        return self.up
+
+    def basis(self, features: Tensor) -> Tensor:
+        """What :attr:`head` reads: ``silu(down(features))``."""
+        return F.silu(self.down(features))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.up(self.basis(features))
+
+
 class Routers(nn.Module):
-    """DiffSkip routers: one ``Linear(hidden, 1)`` per skippable layer on :func:`router_features`.
+    """DiffSkip routers: one router of `kind` (:data:`ROUTER_KINDS`) per skippable layer on :func:`router_features`.
 
     A router's logit is the evidence that its layer's FFN can be skipped for that token.
     """
 
-    def __init__(self, hidden_size: int, layers: list[int]) -> None:
+    def __init__(self, hidden_size: int, layers: list[int], kind: str = DEFAULT_ROUTER_KIND) -> None:
         super().__init__()
+        net = ROUTER_KINDS.get(kind)
         self.layers = list(layers)
         self.hidden_size = hidden_size
-        self.linears = nn.ModuleDict({str(i): nn.Linear(hidden_size, 1) for i in self.layers})
-        for lin in self.linears.values():
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.kind = kind
+        self.nets = nn.ModuleDict({str(i): net(hidden_size) for i in self.layers})
 
     features = staticmethod(router_features)
 
     def logit(self, layer: int, attn_delta: Tensor) -> Tensor:
         """Skip logit per token, ``[batch, seq]``."""
-        return self.linears[str(layer)](router_features(attn_delta)).squeeze(-1)
+        return self.nets[str(layer)](router_features(attn_delta)).squeeze(-1)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def save(self, path: str | Path) -> Path:
-        """Write the weights atomically as safetensors."""
+        """Write the weights atomically as safetensors, with the kind, hidden size and layers as metadata."""
         tensors = {f"layers.{i}.{n}": p.detach().cpu().contiguous()
-                   for i, lin in self.linears.items() for n, p in lin.named_parameters()}
-        return save_safetensors_atomic(path, tensors, {"hidden_size": str(self.hidden_size),
+                   for i, net in self.nets.items() for n, p in net.named_parameters()}
+        return save_safetensors_atomic(path, tensors, {"kind": self.kind, "hidden_size": str(self.hidden_size),
                                                        "layers": ",".join(map(str, self.layers))})
 
     @classmethod
-    def load(cls, path: str | Path, hidden_size: int, layers: list[int]) -> "Routers":
-        """Read router weights, refusing files that do not match the model's hidden size and layers."""
+    def load(cls, path: str | Path, hidden_size: int, layers: list[int], kind: str | None = None) -> "Routers":
+        """Read router weights, refusing files that do not match the model's hidden size and layers or, when `kind`
+        is given (a config names it), the router kind. Files without a kind (older ones) hold linear routers."""
         tensors, meta = read_safetensors(path, "router weights")
         try:
             file_hidden = int(meta.get("hidden_size", -1))
             file_layers = [int(i) for i in meta.get("layers", "").split(",") if i]
         except ValueError:
             raise ConfigError(f"router weights {path} have malformed metadata") from None
+        file_kind = meta.get("kind", DEFAULT_ROUTER_KIND)
+        if kind is not None and file_kind != kind:
+            raise ConfigError(f"router weights {path} hold {file_kind} routers, but the skip config names {kind} "
+                              "routers")
         if file_hidden != hidden_size or file_layers != list(layers):
             raise ConfigError(f"router weights {path} do not match the model: hidden size {file_hidden} "
                               f"vs {hidden_size}, layers {file_layers} vs {list(layers)}")
-        routers = cls(hidden_size, layers)
+        if file_kind not in ROUTER_KINDS:
+            raise ConfigError(f"router weights {path} hold routers of an unknown kind {file_kind!r} (known: "
+                              f"{', '.join(ROUTER_KINDS.names())})")
+        routers = cls(hidden_size, layers, file_kind)
         try:
-            routers.load_state_dict({f"linears.{k.split('.', 1)[1]}": v for k, v in tensors.items()})
+            routers.load_state_dict({f"nets.{k.split('.', 1)[1]}": v for k, v in tensors.items()})
         except (RuntimeError, IndexError) as exc:
             raise ConfigError(f"router weights {path} have the wrong shapes: {str(exc).splitlines()[0]}") from None
         return routers
@@ -114,7 +181,8 @@ class RouterPolicy(SkipPolicy):
     @classmethod
     def from_config(cls, config: SkipConfig, params: Any) -> "RouterPolicy":
         assert config.router is not None  # RouterParams.check
-        routers = Routers.load(config.resolve(config.router.path), config.model.hidden_size, config.skippable_layers)
+        routers = Routers.load(config.resolve(config.router.path), config.model.hidden_size, config.skippable_layers,
+                               config.router.kind)
         return cls(**shape_of(config), routers=routers, threshold=params.threshold)
 
     @property
@@ -132,10 +200,14 @@ class RouterPolicy(SkipPolicy):
         self.soft_decisions = {}
         return None
 
+    def score(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        """The router's logit above the threshold's: inference skips where it is positive."""
+        return self.routers.logit(s.layer, s.attn_delta) - self.logit_threshold
+
     def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
+        z = self.score(s, state)
         if self.estimator is None:
-            return self.routers.logit(s.layer, s.attn_delta) > self.logit_threshold
-        z = self.routers.logit(s.layer, s.attn_delta) - self.logit_threshold
+            return z > 0
         if self.estimator == "gumbel":
             u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
             z = z + torch.log(u) - torch.log1p(-u)
