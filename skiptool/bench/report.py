@@ -74,37 +74,58 @@ def _ms(seconds: float) -> float | None:
 
 
 def write_plot(report: dict[str, Any], path: str | Path) -> Path:
-    """A PNG of decode tokens/s per run (median, min–max whiskers) with each skipping run's ideal marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """A PNG of decode tokens/s per run (:func:`bench_figure`)."""
     import matplotlib.pyplot as plt
 
     from ..fileio import atomic_path
 
+    fig = bench_figure(report)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")  # "tight": the legend below the axes too
+    plt.close(fig)
+    return Path(path)
+
+
+RUN_COLOURS = {"skip": ("tab:orange", "skipping run (speedup over the dense run of its backend and precision)"),
+               "dense": ("tab:blue", "dense run (the baseline of its backend and precision)"),
+               "peer": ("tab:gray", "peer runtime, dense (onnxruntime-genai's own graph, llama.cpp)")}
+
+
+def bench_figure(report: dict[str, Any]) -> Any:
+    """Decode tokens/s per run that ran (median bar, min–max whiskers; colour = skipping, dense or peer run, in the
+    legend) with each skipping run's ideal marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     runs = [r for r in report["runs"] if r["tokens_per_s"]]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(runs) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(runs) + 2.2), layout="constrained")
     y = np.arange(len(runs))[::-1]
-    tps = [r["tokens_per_s"] for r in runs]
-    err = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in runs], [r["tokens_per_s_max"] - r["tokens_per_s"] for r in runs]]
-    colors = ["tab:orange" if r["mode"] == "skip" else ("tab:gray" if r["backend"] in PEER_NAMES else "tab:blue")
-              for r in runs]
-    ax.barh(y, tps, xerr=err, color=colors, capsize=3)
+    err = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in runs],
+           [r["tokens_per_s_max"] - r["tokens_per_s"] for r in runs]]
+    kinds = [_run_kind(r) for r in runs]
+    ax.barh(y, [r["tokens_per_s"] for r in runs], xerr=err, color=[RUN_COLOURS[k][0] for k in kinds], capsize=3)
+    handles: list[Any] = [Patch(color=RUN_COLOURS[k][0], label=RUN_COLOURS[k][1]) for k in RUN_COLOURS if k in kinds]
     ideal = [(yy, r["ideal_tokens_per_s"]) for yy, r in zip(y, runs) if r.get("ideal_tokens_per_s")]
     if ideal:
-        ax.scatter([v for _, v in ideal], [yy for yy, _ in ideal], marker="D", s=36, color="crimson", zorder=3,
-                   label="ideal at the realised skip ratio (dense tok/s × weight-byte ratio)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.6 / max(len(runs), 1)), frameon=False)
+        handles.append(ax.scatter([v for _, v in ideal], [yy for yy, _ in ideal], marker="D", s=36, color="crimson",
+                                  zorder=3, label="ideal at the realised skip ratio (dense tok/s × weight-byte ratio)"))
+    fig.legend(handles=handles, loc="outside lower center", frameon=False, fontsize=8)
     ax.set_yticks(y, [r["label"] for r in runs])
-    ax.set_xlabel("decode tokens/s (median, min–max)")
+    ax.set_xlabel("decode tokens/s (median, whiskers min–max)")
+    ax.set_ylabel("run")
     s = report["settings"]
     ax.set_title(f"{report['model']}: {s['new_tokens']} new tokens, {s['threads']} threads, "
                  f"spinning {s['intra_op_spinning']}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def _run_kind(run: dict[str, Any]) -> str:
+    if run["mode"] == "skip":
+        return "skip"
+    return "peer" if run["backend"] in PEER_NAMES else "dense"
 
 
 PEER_NAMES = ("onnxruntime-genai", "llama.cpp")
