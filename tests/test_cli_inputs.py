@@ -136,6 +136,7 @@ CALIBRATE = ["calibrate", "{model}", "-o", "out", "--data", "{words}", "--sample
     (["--target-skip", "2"], "--target-skip"),
     (["--target-skip", "nan"], "--target-skip"),
     (["--target-saved", "1"], "--target-saved"),
+    (["--target-skip", "0.2", "--target-saved", "0.2"], "both set the target; give one"),
     (["--samples", "0"], "--samples"),
     (["--seq-len", "1"], "--seq-len"),
     (["--warmup", "16"], "must be shorter than the sequences"),

@@ -18,8 +18,9 @@ def calibrate(
     model: str = ModelArg,
     output: Path = typer.Option(..., "--output", "-o", **OUTPUT,
                                 help="Directory for skip_config.json, layer_stats.json/png."),
-    target_skip: float = typer.Option(0.25, "--target-skip", min=0.0, max=1.0, help="Realised share of all FFN "
-                                      "blocks to skip (all layers, all positions) on the calibration data, in (0, 1)."),
+    target_skip: Optional[float] = typer.Option(None, "--target-skip", min=0.0, max=1.0, help="Realised share of all "
+                                                "FFN blocks to skip (all layers, all positions) on the calibration "
+                                                "data, in (0, 1) (default: 0.25)."),
     data: str = DataOpt,
     field: str = FieldOpt,
     split: str = SplitOpt,
@@ -57,8 +58,10 @@ def calibrate(
     from ..plots import plot_layer_stats
     from ..standins import StandInSpec
 
-    settings = CalibrationSettings(target_skip=target_skip, samples=samples, seq_len=seq_len,
-                                   warmup=parse_warmup(warmup),
+    if target_skip is not None and target_saved is not None:
+        raise SkipToolError("--target-skip and --target-saved both set the target; give one")
+    target = {} if target_skip is None else {"target_skip": target_skip}
+    settings = CalibrationSettings(**target, samples=samples, seq_len=seq_len, warmup=parse_warmup(warmup),
                                    greedy_k=greedy_k, cold_start=cold_start, cold_end=cold_end,
                                    threshold_mode=threshold_mode, standin=StandInSpec.parse(stand_in),
                                    target_saved=target_saved)
@@ -72,7 +75,7 @@ def calibrate(
     console.print(layer_stats_table(stats))
     console.print(f"cold layers: first {stats['cold_start']}, last {stats['cold_end']}; greedy-k {stats['greedy_k']}; "
                   f"realised skip ratio on the calibration data {stats['skip_ratio']:.1%} (target "
-                  f"{target_skip:.0%})", soft_wrap=True)
+                  f"{stats['target_skip']:.0%})", soft_wrap=True)
     wrote(result.paths)
 
 
