@@ -46,9 +46,9 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context: int | None) -
     if prompt_tokens < 1:
         raise SkipToolError("the prompt encodes to no tokens; give some text to continue")
     if context is not None and prompt_tokens + max_new_tokens > context:
-        raise SkipToolError(f"a {prompt_tokens}-token prompt and --max-new-tokens {max_new_tokens} need "
-                            f"{prompt_tokens + max_new_tokens} positions; the model has {context} (lower "
-                            "--max-new-tokens or shorten the prompt)")
+        raise SkipToolError(f"a {prompt_tokens}-token prompt and {max_new_tokens} new tokens need "
+                            f"{prompt_tokens + max_new_tokens} positions; the model has {context} (ask for fewer new "
+                            "tokens or shorten the prompt)")
 
 
 def context_length(lm: Any) -> int | None:

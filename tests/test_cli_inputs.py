@@ -34,6 +34,7 @@ def inputs(tmp_path_factory, tiny_model_dir):
     words.write_text(" ".join(f"w{i % 100}" for i in range(4000)))
     (d / "notutf8.txt").write_bytes(b"\xff\xfe not \x81 text")
     (d / "empty.txt").write_text("")
+    (d / "short.txt").write_text("w1 w2 w3")
     (d / "nofield.jsonl").write_text('{"other": "w1 w2 w3"}\n')
     (d / "afile").write_text("a file where a folder belongs")
     (d / "adir").mkdir()
@@ -298,9 +299,12 @@ def test_bench_refuses_bad_input_before_the_model_loads(args, fragment, inputs, 
     refused(BENCH + args, fragment, inputs, tmp_path, monkeypatch)
 
 
-def test_bench_refuses_prompts_longer_than_the_data_in_one_line(inputs, tmp_path, monkeypatch):
-    refused(BENCH + ["--prompt-tokens", "100000", "--data", "{words}"], "fewer than one block", inputs, tmp_path,
-            monkeypatch)
+@pytest.mark.parametrize("args, fragment", [
+    (["--data", "{short}"], "fewer than one block of 8"),  # prompts longer than the data
+    (["--new-tokens", "1000"], "the model has 256"),  # more positions than the model has
+])
+def test_bench_refuses_what_only_the_model_can_tell_in_one_line(args, fragment, inputs, tmp_path, monkeypatch):
+    refused(BENCH + args, fragment, inputs, tmp_path, monkeypatch)
 
 
 # -- help ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..contract import read_manifest
 from ..errors import SkipToolError
+from ..generate import check_length, context_length
 from ..models import NO_TOKENIZER, decode_dtype
 from .harness import Measurement, measure, peak_rss_mib, progress_steps
 from .plans import config_beside, plan_runs
@@ -55,6 +56,7 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
     if config is not None:
         check_policy(config)
     lm = load_model(req.model, decode_dtype(req.device, req.dtype), req.device, needs_tokenizer=False)
+    check_length(req.prompt_tokens, req.new_tokens, context_length(lm))
     if config is not None:
         config.check_matches(lm.model)
     m = Measurement(_prompts(req, lm), req.new_tokens, req.repeats, req.warmup, _quality_blocks(req, lm))
