@@ -207,6 +207,8 @@ def is_export(folder: str | Path) -> bool:
 def read_manifest(folder: str | Path) -> ExportManifest:
     """The manifest of an export folder, or one clear error line for anything else."""
     path = Path(folder) / MANIFEST_FILE
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise SkipToolError(f"{folder} is a file, not an export folder")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -133,11 +133,16 @@ def _random_model(source: str, torch_dtype: Any, device: str) -> LoadedModel:
                        source=source)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(folder: str | Path) -> Any:
     """The tokenizer saved in `folder` (an export), or one clear error line if it cannot be read."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
+    if not any(Path(folder, name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); re-export it")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001

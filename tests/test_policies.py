@@ -27,7 +27,7 @@ def test_the_built_in_kinds_are_registered_with_their_classes():
     ("magic", {}, "unknown policy kind 'magic' .known: none, static, cosine, random, router"),
     ("cosine", {"thresholds": [0.5]}, "6 thresholds"),
     ("cosine", {"thresholds": [None] * 6, "greedy_k": 0}, "greedy_k"),
-    ("cosine", {"thresholds": ["x"] * 6}, "numbers or null"),
+    ("cosine", {"thresholds": ["x"] * 6}, "cosines"),
     ("cosine", {"greedy_k": 1}, "cosine policy needs thresholds"),
     ("static", {"skip_layers": [9]}, "layer indices below 6"),
     ("static", {"skip_layers": [2], "extra": 1}, "no parameter 'extra'"),
@@ -62,3 +62,13 @@ def test_positions_count_the_real_tokens_before_each_one_in_a_left_padded_batch(
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert positions_from_mask(mask, 5).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert positions_from_mask(mask, 2).tolist() == [[1, 2], [3, 4]]  # the last two tokens (a decode step of 2)
+
+
+@pytest.mark.parametrize("kind, params, message", [
+    ("cosine", {"thresholds": [None, 2.0, .9, .9, .9, None]}, "cosines"),
+    ("cosine", {"thresholds": [None, float("nan"), .9, .9, .9, None]}, "cosines"),
+    ("static", {"skip_layers": [0, 2]}, "layers .0. are cold"),
+])
+def test_values_a_policy_could_never_use_are_refused(kind, params, message):
+    with pytest.raises(ConfigError, match=message):
+        check_policy(_config(kind, **params))

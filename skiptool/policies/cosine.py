@@ -30,8 +30,8 @@ class CosineParams(PolicyParams):
         n = config.model.num_layers
         if not isinstance(self.thresholds, list) or len(self.thresholds) != n:
             raise ConfigError(f"cosine policy needs {n} thresholds (one per layer, null for cold layers)")
-        if not all(t is None or is_number(t) for t in self.thresholds):
-            raise ConfigError("cosine thresholds must be numbers or null")
+        if not all(t is None or (is_number(t) and -1.01 <= t <= 1.0) for t in self.thresholds):
+            raise ConfigError("cosine thresholds must be cosines (numbers in [-1, 1]) or null")
         if not is_int(self.greedy_k) or self.greedy_k < 1:
             raise ConfigError("cosine greedy_k must be a positive integer")
 

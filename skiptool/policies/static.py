@@ -22,6 +22,10 @@ class StaticParams(PolicyParams):
         n = config.model.num_layers
         if not isinstance(self.skip_layers, list) or not all(is_int(i) and 0 <= i < n for i in self.skip_layers):
             raise ConfigError(f"static policy needs skip_layers: a list of layer indices below {n}")
+        cold = sorted(set(self.skip_layers) - set(config.skippable_layers))
+        if cold:
+            raise ConfigError(f"static policy: layers {cold} are cold (never skipped); skippable layers are "
+                              f"{config.skippable_layers[0]}-{config.skippable_layers[-1]}")
 
 
 @register_policy
