@@ -263,10 +263,12 @@ def test_bench_smoke_on_a_tiny_model_writes_the_json_and_skipping_runs_really_sk
     result = CliRunner().invoke(app, ["bench", str(tiny_model_dir), "--config", str(config_path),
                                       "--skip-ratio", "0,0.5", "-n", "6",
                                       "--repeats", "1", "--prompt-tokens", "8", "--no-peers", "--quality",
+                                      "--quality-samples", "2", "--quality-seq-len", "24",
                                       "--threads", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0 and (tmp_path / "bench-front.png").stat().st_size > 0
+    assert report["settings"]["quality_tokens"] == 48
     assert report["settings"]["threads"] == 1 and report["settings"]["intra_op_spinning"] == "off"
     runs = {r["label"]: r for r in report["runs"]}
     for r in report["runs"]:
@@ -435,3 +437,47 @@ def test_runs_sharing_one_loaded_backend_report_no_load_memory_of_their_own():
     first, second = measure(specs, Measurement([[1, 2]], new_tokens=3, repeats=1))
     assert first.rss_load_mib is not None and "shares_backend_with" not in first.spec.settings
     assert second.rss_load_mib is None and second.spec.settings["shares_backend_with"] == "first"
+
+
+def test_block_scoring_matches_decoding_token_by_token_for_a_skipping_backend(tiny_model):
+    """bench --quality scores PyTorch runs in one pass per block; every position must decide as when decoding."""
+    import torch
+
+    from skiptool.adapters import adapter_for
+    from skiptool.backends.torch_backend import TorchBackend
+    from skiptool.bench import MaskedView, backend_logits_fn
+    from skiptool.config import dense_config
+
+    config = dense_config(tiny_model, cold_start=1, cold_end=1, warmup=3).with_policy("static", skip_layers=[2, 3])
+    backend = TorchBackend(tiny_model, adapter_for(tiny_model), config)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    for view in (backend, MaskedView(backend, [0, 1, 0, 0, 0, 0])):
+        blocks = backend_logits_fn(view)(ids)
+        stepped = backend_logits_fn(_StepOnly(view))(ids)
+        torch.testing.assert_close(blocks, stepped, rtol=1e-4, atol=1e-4)
+    dense = backend_logits_fn(TorchBackend(tiny_model, adapter_for(tiny_model)))(ids)
+    assert not torch.allclose(dense, blocks, atol=1e-3)  # the skips changed the logits
+
+
+class _StepOnly:
+    """A backend seen only through the decode protocol (what a peer offers)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def reset(self):
+        self.backend.reset()
+
+    def prefill(self, token_ids):
+        return self.backend.prefill(token_ids)
+
+    def step(self, token_id):
+        return self.backend.step(token_id)
+
+
+def test_pareto_front_keeps_only_runs_no_other_run_beats_on_speed_and_quality():
+    from skiptool.bench import pareto_front
+
+    runs = [{"label": name, "tokens_per_s": tps, "perplexity": ppl}
+            for name, tps, ppl in [("a", 10, 20.0), ("b", 20, 25.0), ("c", 15, 30.0), ("d", 30, 40.0), ("e", 20, 26.0)]]
+    assert [r["label"] for r in pareto_front(runs)] == ["a", "b", "d"]

@@ -35,6 +35,9 @@ class DecodeBackend(Protocol):
     def per_layer_skip(self) -> list[float] | None:
         """Per layer, the share of decode-step tokens whose FFN was skipped (None if unknown)."""
 
+    # Optional: ``block_logits(token_ids [n, seq]) -> logits [n, seq, vocab]`` from an empty cache in one pass,
+    # with every position deciding as it would when decoding (evaluation and ``bench --quality`` use it).
+
 
 def parse_skip_mask(skip_mask: Sequence[int], num_layers: int) -> np.ndarray:
     """A per-layer override (1 force skip, -1 force compute, 0 policy) as the graphs' int64 vector, or one

@@ -114,6 +114,17 @@ class TorchBackend:
         self._position += ids.shape[1]
         return out.logits[0].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def block_logits(self, token_ids: np.ndarray) -> np.ndarray:
+        """Logits ``[n, seq, vocab]`` of token blocks ``[n, seq]``, each from an empty cache in one pass (every
+        position decides for itself, as when decoding); the sequence cache is reset."""
+        rows = []
+        for row in np.asarray(token_ids).tolist():
+            self.reset()
+            rows.append(self.forward(row))
+        self.reset()
+        return np.stack(rows)
+
     def skip_ratio(self) -> float | None:
         return self.stats.skip_ratio if self.stats is not None else 0.0
 

@@ -21,7 +21,8 @@ The parts, lower first (each imports only those listed before it):
 - :mod:`.harness` — :class:`RunSpec`, :class:`RunResult`, :class:`Measurement` and the round-robin :func:`measure`;
 - :mod:`.plans` — which runs to make: PyTorch eager, the GPU decode path on CUDA, ONNX Runtime exports, peers
   (:func:`plan_runs`);
-- :mod:`.report` — :func:`summarise`, the rich table, the PNG plot, the Markdown table;
+- :mod:`.report` — :func:`summarise`, the rich table, the PNG plots (speed per run; with ``--quality`` the
+  quality-vs-speed front), the Markdown table;
 - :mod:`.run` — :func:`run_bench`, the whole benchmark.
 
 Everything public is re-exported here, so ``from skiptool.bench import ...`` is all a caller needs.
@@ -36,7 +37,8 @@ from ..ideal import (LOOKUP_INPUTS, GraphBytes, IdealBasis, forced_layers, force
                     median_min_max, onnx_graph_bytes, onnx_precision, percentile, tensor_nbytes)
 from .plans import (ExportPlan, config_beside, cuda_specs, export_variant_specs, folder_specs, forced_run, gpu_notes,
                     model_files, peer_specs, plan_runs, skip_specs, torch_specs)
-from .report import PEER_NAMES, bench_table, report_markdown, summarise, write_plot
+from .report import (PEER_NAMES, bench_table, front_figure, pareto_front, report_markdown, scored_runs, summarise,
+                     write_front, write_plot)
 from .request import BenchRequest
 from .run import bench_prompts, parse_ratios, random_prompts, run_bench
 
@@ -47,5 +49,6 @@ __all__ = [
     "forced_layers", "forced_mask", "forced_run", "fraction_of_ideal", "gpu_notes", "measure", "median_min_max",
     "model_files", "onnx_graph_bytes", "onnx_precision", "parse_ratios", "peak_rss_mib", "peer_specs", "percentile",
     "plan_runs", "progress_steps", "random_prompts", "report_markdown", "rss_mib", "run_bench", "shared",
-    "skip_specs", "summarise", "tensor_nbytes", "torch_specs", "write_plot",
+    "skip_specs", "summarise", "tensor_nbytes", "torch_specs", "write_plot", "front_figure", "pareto_front",
+    "scored_runs", "write_front",
 ]

@@ -85,15 +85,21 @@ def peak_rss_mib() -> float:
 
 
 def backend_logits_fn(backend: DecodeBackend) -> Callable[[Any], Any]:
-    """``ids [n, seq] -> logits [n, seq, vocab]`` through the decode protocol (KV cache, one token per step:
-    the decode regime), for :func:`skiptool.evaluate.token_nll`."""
+    """``ids [n, seq] -> logits [n, seq, vocab]`` for :func:`skiptool.evaluate.token_nll`: one block pass where
+    the backend has ``block_logits`` (every position decides for itself, as in decoding: PyTorch, ONNX Runtime),
+    else through the decode protocol, one token per step (peers, engines)."""
     import torch
+
+    block = getattr(backend, "block_logits", None)
 
     def logits(ids: Any) -> Any:
         rows = []
         for row in ids.tolist():
             backend.reset()
-            rows.append(np.stack([backend.prefill(row[:1])] + [backend.step(int(t)) for t in row[1:]]))
+            if block is not None:
+                rows.append(block(np.asarray([row], dtype=np.int64))[0])
+            else:
+                rows.append(np.stack([backend.prefill(row[:1])] + [backend.step(int(t)) for t in row[1:]]))
         return torch.from_numpy(np.stack(rows).astype(np.float32))
 
     return logits
@@ -230,6 +236,12 @@ class MaskedView:
     def __init__(self, backend: Any, mask: Sequence[int] | None) -> None:
         self.backend, self.mask = backend, mask
         self.name, self.precision, self.mode = backend.name, backend.precision, "skip"
+        if hasattr(backend, "block_logits"):
+            self.block_logits = self._block_logits
+
+    def _block_logits(self, token_ids: np.ndarray) -> np.ndarray:
+        self.backend.set_skip_mask(self.mask)
+        return self.backend.block_logits(token_ids)
 
     def reset(self) -> None:
         self.backend.set_skip_mask(self.mask)

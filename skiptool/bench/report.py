@@ -122,6 +122,65 @@ def bench_figure(report: dict[str, Any]) -> Any:
     return fig
 
 
+def write_front(report: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of the quality-vs-speed front (:func:`front_figure`); needs runs measured with ``--quality``."""
+    import matplotlib.pyplot as plt
+
+    from ..fileio import atomic_path
+
+    fig = front_figure(report)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def scored_runs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs with both a decode speed and a perplexity."""
+    return [r for r in report["runs"] if r["tokens_per_s"] and r.get("perplexity") is not None]
+
+
+def pareto_front(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs no other run beats on both speed (higher tok/s) and quality (lower perplexity), fastest last."""
+    front = [r for r in runs if not any(o is not r and o["tokens_per_s"] >= r["tokens_per_s"]
+                                        and o["perplexity"] <= r["perplexity"]
+                                        and (o["tokens_per_s"], o["perplexity"]) != (r["tokens_per_s"], r["perplexity"])
+                                        for o in runs)]
+    return sorted(front, key=lambda r: r["tokens_per_s"])
+
+
+def front_figure(report: dict[str, Any]) -> Any:
+    """Decode tokens/s against perplexity for every scored run (colour = skipping, dense or peer run), each point
+    labelled, the Pareto front (faster and better: down and right) joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = scored_runs(report)
+    fig, ax = plt.subplots(figsize=(9, 6), layout="constrained")
+    for kind, (colour, label) in RUN_COLOURS.items():
+        mine = [r for r in runs if _run_kind(r) == kind]
+        if mine:
+            ax.scatter([r["tokens_per_s"] for r in mine], [r["perplexity"] for r in mine], color=colour, s=40,
+                       zorder=3, label=label)
+    for r in runs:
+        ax.annotate(_short_label(r), (r["tokens_per_s"], r["perplexity"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    front = pareto_front(runs)
+    if len(front) > 1:
+        ax.plot([r["tokens_per_s"] for r in front], [r["perplexity"] for r in front], color="black", lw=1,
+                ls="--", zorder=2, label="front: no run is both faster and better")
+    ax.set_xlabel("decode tokens/s (median; higher is faster)")
+    ax.set_ylabel("perplexity on the held-out slice (lower is better)")
+    s = report["settings"]
+    ax.set_title(f"{report['model']}: quality vs speed, {s['quality_tokens']} held-out tokens, "
+                 f"{s['threads']} threads", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", frameon=False, fontsize=8)
+    return fig
+
+
 def _run_kind(run: dict[str, Any]) -> str:
     if run["mode"] == "skip":
         return "skip"
@@ -183,21 +242,24 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown table (what the README's performance section shows)."""
+    """The report as a Markdown table (what the README's performance section shows); perplexity with ``--quality``."""
     s = report["settings"]
+    quality = bool(scored_runs(report))
+    head = ["run", "tok/s", "min–max", "p50 / p90 ms", "skip", "speedup", "ideal", "of ideal"] + \
+        (["perplexity"] if quality else [])
     lines = [f"{report['model']}, batch 1, {s['prompt_tokens'][0]}-token prompt, {s['new_tokens']} new tokens, "
              f"{s['threads']} threads, ONNX Runtime intra-op spinning {s['intra_op_spinning']}; median of "
-             f"{s['repeats']} interleaved runs (min–max), warm-up dropped.", "",
-             "| run | tok/s | min–max | p50 / p90 ms | skip | speedup | ideal | of ideal |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{s['repeats']} interleaved runs (min–max), warm-up dropped"
+             + (f"; perplexity on {s['quality_tokens']} held-out tokens, the same for every run." if quality else "."),
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["runs"]:
         if not r["tokens_per_s"]:
-            lines.append(f"| {r['label']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['label']} | {r['status']} |" + " |" * (len(head) - 2))
             continue
-        lines.append(" | ".join([
-            f"| {r['label']}", _fmt(r["tokens_per_s"], "{:.1f}"),
-            f"{_fmt(r['tokens_per_s_min'], '{:.1f}')}–{_fmt(r['tokens_per_s_max'], '{:.1f}')}",
-            f"{_fmt(r['latency_ms_p50'], '{:.1f}')} / {_fmt(r['latency_ms_p90'], '{:.1f}')}",
-            _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}×"), _fmt(r["ideal_speedup"], "{:.3f}×"),
-            _fmt(r["fraction_of_ideal"], "{:.2f}") + " |"]))
+        cells = [r["label"], _fmt(r["tokens_per_s"], "{:.1f}"),
+                 f"{_fmt(r['tokens_per_s_min'], '{:.1f}')}–{_fmt(r['tokens_per_s_max'], '{:.1f}')}",
+                 f"{_fmt(r['latency_ms_p50'], '{:.1f}')} / {_fmt(r['latency_ms_p90'], '{:.1f}')}",
+                 _fmt(r["skip_ratio"], "{:.1%}"), _fmt(r["speedup"], "{:.3f}×"), _fmt(r["ideal_speedup"], "{:.3f}×"),
+                 _fmt(r["fraction_of_ideal"], "{:.2f}")] + ([_fmt(r.get("perplexity"), "{:.2f}")] if quality else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

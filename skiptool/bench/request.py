@@ -25,8 +25,8 @@ class BenchRequest:
     data: str | None = None
     prompt_tokens: int = 32
     num_prompts: int = 1
-    quality_tokens: int = 64
-    quality_blocks: int = 2
+    quality_tokens: int = 512  # tokens per held-out block (--quality-seq-len)
+    quality_blocks: int = 8  # held-out blocks (--quality-samples), the same for every run
     peers: bool = True
     torch: bool = True
     device: str = "cpu"

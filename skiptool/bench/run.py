@@ -57,6 +57,9 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
         check_policy(config)
     lm = load_model(req.model, decode_dtype(req.device, req.dtype), req.device, needs_tokenizer=False)
     check_length(req.prompt_tokens, req.new_tokens, context_length(lm))
+    positions = context_length(lm)
+    if req.quality and positions is not None and req.quality_tokens > positions:
+        raise SkipToolError(f"--quality-seq-len {req.quality_tokens} is beyond the model's {positions} positions")
     if config is not None:
         config.check_matches(lm.model)
     m = Measurement(_prompts(req, lm), req.new_tokens, req.repeats, req.warmup, _quality_blocks(req, lm))
@@ -90,6 +93,9 @@ def check_request(req: BenchRequest) -> None:
         raise SkipToolError(f"--threads must be between 1 and the {cores} CPU cores here (got {req.threads})")
     check_ratios(req.skip_ratios)
     check_blocks(req.num_prompts, req.prompt_tokens)
+    if req.quality and (req.quality_blocks < 1 or req.quality_tokens < 2):
+        raise SkipToolError(f"--quality-samples must be >= 1 and --quality-seq-len >= 2 "
+                            f"(got {req.quality_blocks} and {req.quality_tokens})")
     if not (req.torch or req.peers or req.onnx or req.device.startswith("cuda")):
         raise SkipToolError("nothing to run: --no-torch and --no-peers leave no run; add an export (--onnx DIR)")
     for folder in req.onnx:
@@ -136,7 +142,12 @@ def _quality_blocks(req: BenchRequest, lm: Any) -> list[list[int]] | None:
         return None
     if lm.tokenizer is None:
         raise SkipToolError(f"--quality needs text: {NO_TOKENIZER}")
-    return bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
+    blocks = bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
+    if len(blocks) < req.quality_blocks:
+        raise SkipToolError(f"--quality: the second half of {req.data or 'the built-in sample'} holds {len(blocks)} "
+                            f"blocks of {req.quality_tokens} tokens, not the {req.quality_blocks} asked for; "
+                            "lower --quality-samples or --quality-seq-len, or pass more --data")
+    return blocks
 
 
 def _settings(req: BenchRequest, threads: int, m: Measurement, load_start: tuple[float, ...]) -> dict[str, Any]:

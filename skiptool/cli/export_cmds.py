@@ -74,7 +74,11 @@ def bench(
     markdown: Optional[Path] = typer.Option(None, "--markdown", **OUTPUT,
                                             help="Write the full table as Markdown here."),
     wide: bool = typer.Option(False, "--wide", help="Print every column (needs ~120 columns)."),
-    quality: bool = typer.Option(False, "--quality", help="Also measure each run's perplexity on a small slice."),
+    quality: bool = typer.Option(False, "--quality", help="Also measure each run's perplexity on the same held-out "
+                                 "slice (the second half of --data or the built-in text) and draw the quality-vs-speed "
+                                 "front (tok/s against perplexity) beside --plot as NAME-front.png."),
+    quality_samples: int = typer.Option(8, "--quality-samples", help="Held-out blocks --quality scores."),
+    quality_seq_len: int = typer.Option(512, "--quality-seq-len", help="Tokens per held-out block."),
     spin: str = typer.Option("off", "--spin", help="ONNX Runtime intra-op spinning for every ORT-based run: on|off."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every run (default: all cores)."),
     data: Optional[str] = typer.Option(None, "--data", help="Prompt text source (default: built-in sample)."),
@@ -99,16 +103,19 @@ def bench(
     each decode step one CUDA graph with the decisions on the device, and the same with each layer's decision read
     on the host ("host sync", what an ONNX If costs on a GPU). A random:SHAPE model decodes random prompt ids.
     """
-    from ..bench import BenchRequest, bench_table, parse_ratios, report_markdown, run_bench, write_plot
+    from ..bench import (BenchRequest, bench_table, parse_ratios, report_markdown, run_bench, scored_runs, write_front,
+                         write_plot)
     from ..bench.run import check_report_paths
     from ..fileio import write_json_atomic, write_text_atomic
 
     if spin not in ("on", "off"):
         raise SkipToolError(f"--spin must be on or off (got {spin!r})")
     plot = plot or (json_path.with_suffix(".png") if json_path is not None else None)
-    check_report_paths(json_path, plot, markdown)
+    front = plot.with_name(f"{plot.stem}-front.png") if quality and plot is not None else None
+    check_report_paths(json_path, plot, markdown, front)
     req = BenchRequest(model=model, config=config, onnx=list(onnx or []), skip_ratios=parse_ratios(skip_ratio),
                        new_tokens=new_tokens, repeats=repeats, threads=threads, spin=spin == "on", quality=quality,
+                       quality_blocks=quality_samples, quality_tokens=quality_seq_len,
                        data=data, prompt_tokens=prompt_tokens, peers=not no_peers, torch=not no_torch,
                        device=device, dtype=dtype)
     with phase_progress() as progress:
@@ -129,3 +136,6 @@ def bench(
     if plot is not None:
         write_plot(report, plot)
         err_console.print(f"[dim]plot: {plot}[/]")
+    if front is not None and scored_runs(report):
+        write_front(report, front)
+        err_console.print(f"[dim]quality-vs-speed front: {front}[/]")
