@@ -3,10 +3,10 @@
     python benchmarks/run_bench.py                       # demo model, --spin off, 5 repeats, 128 new tokens
     python benchmarks/run_bench.py --spin on --out /tmp/bench-spin
 
-1. Exports the demo model twice for ONNX Runtime's speed flavour (``--target ort``: onnxruntime-genai's
+1. Exports the demo model twice in ONNX Runtime's fast format (``export --format ort``: onnxruntime-genai's
    graph with an ``If`` per skippable FFN), fp32 and int4, with ``--config`` (default: a dense config, so
-   only the forced ratios skip); ``--standard`` adds the standard-ops export with and without ``If``.
-   Existing exports are reused.
+   only the forced ratios skip; pass a calibrated or trained config to measure what its decisions cost);
+   ``--standard`` adds the standard-ops export with and without ``If``. Existing exports are reused.
 2. Runs ``skiptool bench`` on both exports with forced ratios 0 (the ``If`` overhead), 25% and 50%,
    beside PyTorch eager and the peers (onnxruntime-genai fp32/int4, llama.cpp on the GGUF), interleaved.
 3. Writes ``OUT/bench-cpu.json``, ``OUT/bench-cpu.png`` and ``OUT/bench-cpu.md`` (the README's table).
@@ -32,21 +32,21 @@ DEMO = "smollm2-135m"
 
 
 def export_ort_target(model: str, config: Path, quantize: str, out: Path) -> Path:
-    """``skiptool export --target ort`` (onnxruntime-genai's graph + an If per skippable FFN), reused when complete."""
-    if (out / "model.onnx").is_file() and (out / "genai_config.json").is_file():
+    """``skiptool export --format ort`` (onnxruntime-genai's graph + an If per skippable FFN), reused when complete."""
+    if (out / "skiptool_export.json").is_file():
         return out
-    return _export(["--target", "ort", "--config", str(config)], model, quantize, out)
+    return _export("ort", ["--config", str(config)], model, quantize, out)
 
 
 def export_standard(model: str, config: Path, quantize: str, out: Path, dense: bool) -> Path:
     """``skiptool export --format onnx`` (the standard-ops graph; ``--dense``: the same without any If)."""
     if (out / "skiptool_export.json").is_file():
         return out
-    return _export(["--dense"] if dense else ["--config", str(config)], model, quantize, out)
+    return _export("onnx", ["--dense"] if dense else ["--config", str(config)], model, quantize, out)
 
 
-def _export(options: list[str], model: str, quantize: str, out: Path) -> Path:
-    cmd = ["skiptool", "export", model, "--format", "onnx", "--quantize", quantize, "-o", str(out), *options]
+def _export(fmt: str, options: list[str], model: str, quantize: str, out: Path) -> Path:
+    cmd = ["skiptool", "export", model, "--format", fmt, "--quantize", quantize, "-o", str(out), *options]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -74,7 +74,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-ratio", default="0,0.25,0.5")
-    parser.add_argument("--quality", action="store_true", help="add each run's perplexity on a small slice")
+    parser.add_argument("--quality", action="store_true", help="add each run's perplexity on held-out text and the "
+                        "quality-vs-speed front (bench --quality)")
+    parser.add_argument("--data", help="text for the prompt and --quality (default: the built-in excerpt)")
+    parser.add_argument("--quality-samples", type=int, default=8, help="held-out blocks of 512 tokens (--quality)")
     parser.add_argument("--router-config", type=Path, help="also bench this trained router config (see 4. above)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the exports even when they exist")
     parser.add_argument("--standard", action="store_true",
@@ -94,7 +97,9 @@ def main() -> int:
         exports += [export_standard(args.model, config, "none", work / "onnx-fp32", dense=False),
                     export_standard(args.model, config, "none", work / "onnx-fp32-dense", dense=True)]
     common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--spin", args.spin,
-              "--threads", str(args.threads)] + (["--quality"] if args.quality else [])
+              "--threads", str(args.threads)] + \
+        (["--quality", "--quality-samples", str(args.quality_samples)] if args.quality else []) + \
+        (["--data", args.data] if args.data else [])
     run_bench(args.model, config, exports, ["--skip-ratio", args.skip_ratio, *common], args.out / "bench-cpu")
     if args.router_config is not None:
         router_exports = [export_standard(args.model, args.router_config, "none", work / "onnx-fp32-router", False),
