@@ -1,34 +1,28 @@
-"""DiffSkip routers trained with the LLM frozen: one tiny ``Linear(hidden, 1)`` per skippable layer.
+"""DiffSkip routers trained with the LLM frozen: the ``train-router`` pipeline step.
 
-A router reads its layer's RMS-normalised attention delta and decides, after attention and before
-the FFN, whether that layer's FFN runs for the token. Training:
+A router per skippable layer (:class:`skiptool.policies.Routers`, kind ``linear`` or ``bottleneck``) reads its
+layer's RMS-normalised attention delta and decides, after attention and before the FFN, whether that layer's FFN
+runs for the token. Training, one module per part:
 
-1. **Initial fit (closed form).** On dense forward passes, a ridge regression per layer predicts the
-   log of the FFN's relative contribution ``||FFN(x)|| / ||h||`` from the router's input; the router
-   starts by skipping the tokens with the smallest predicted contribution, at the target rate.
-2. **Distillation.** The routers learn, through straight-through hard decisions (the forward pass
-   skips exactly as inference will), to keep the skipping model's next-token distribution close to
-   the dense model's (KL(dense || skipping)), with a strong penalty on the gap between the skip rate
-   and the target.
-   With a stand-in spec (``standin``) a stand-in per skippable layer (see :mod:`skiptool.standins`)
-   is trained jointly with the routers: it starts from the closed-form fit (or from zero) and learns
-   from the same loss, so a skipped FFN adds the stand-in's estimate instead of nothing.
-3. **Threshold refit.** On held-out calibration blocks, the probability threshold is refitted so the
-   *realised* ratio (skipped / (layers x tokens), cold layers and warm-up included, as
-   :class:`skiptool.runtime.SkipStats` counts it) matches the target.
+1. **Initial fit** (:mod:`.router_init`): closed-form routers that skip the tokens predicted to lose least (the
+   FFN's contribution, or what the stand-in cannot recover), and the stand-ins' starting point.
+2. **Distillation** (:mod:`.router_loop`): a token budget of straight-through steps on the top-k KL to the dense
+   model (:mod:`.teacher`, whose targets are cached on disk) with a skip-rate penalty; stand-ins trained jointly;
+   checkpoints and ``--resume`` (:mod:`.router_checkpoint`).
+3. **Threshold refit** (:mod:`.router_threshold`) on held-out blocks to the target's realised ratio.
+
+Settings: :mod:`.router_settings`. The routers, the stand-ins and the config are written together or not at all.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
@@ -36,75 +30,21 @@ from ..config import CONFIG_FILENAME, ArtifactRef, PolicySpec, SkipConfig
 from ..data import DataSpec
 from ..errors import ConfigError
 from ..fileio import atomic_directory, check_output_dir
-from ..policies import (ESTIMATORS, FORCE_COMPUTE, LayerSignals, NeverSkip, RouterPolicy, Routers, SkipPolicy,
-                        block_positions, build_policy, router_features)
-from ..runtime import SkipRuntime, load_standins, skipping
+from ..policies import ESTIMATORS, NeverSkip, RouterPolicy, Routers, build_policy
+from ..runtime import load_standins
 from ..standins import StandIns, StandInSpec, skip_target
-from .fit import eligible_fraction
-from .standin_fit import fit_standins
+from .router_checkpoint import Checkpoints, TrainingState, blocks_digest, check_resumable
+from .router_init import fit_initial_routers, initial_standins
+from .router_loop import StepCallback, train_routers
+from .router_settings import (RouterTrainSettings, Substitutes, TemperatureSchedule, inner_rate, skippable_fraction,
+                              steps_for_tokens)
+from .router_threshold import HeldOut, measure, model_device, refit_threshold, router_policy
+from .teacher import TeacherCache, resolve_cache_root
 
 ROUTER_FILENAME = "router.safetensors"
 TRAINED_STANDIN_FILENAME = "router_standin.safetensors"  # not calibrate's file: a base config may share the folder
-STANDIN_INITS = ("closed-form", "zero")
-StepCallback = Callable[[int, dict[str, float]], None]
-Substitutes = dict[int, nn.Module] | None
-__all__ = ["ESTIMATORS", "RouterTrainSettings", "RouterTrainResult", "run_train_router", "train_router"]
-
-
-@dataclass(frozen=True)
-class RouterTrainSettings:
-    """Hyper-parameters of :func:`train_router` (defaults: the demo model on a CPU in minutes)."""
-
-    target_skip: float = 0.25
-    steps: int = 120  # 40 steps: 1.81x dense perplexity at 24 % on the demo, 120 steps: 1.66x
-    lr: float = 2e-3
-    seq_len: int = 512
-    batch_size: int = 1
-    penalty: float = 100.0
-    estimator: str = "ste"
-    temperature: float = 1.0
-    init_blocks: int = 4
-    heldout_blocks: int = 4
-    threshold: float | None = None  # None: refit on held-out blocks to the target ratio
-    seed: int = 0
-    device: str = "cpu"
-    standin: StandInSpec | None = StandInSpec()  # None: no trained stand-ins (a base config's own are used as they are)
-    standin_init: str = "closed-form"  # or "zero"
-    standin_lr: float = 1e-3
-    target_saved: float | None = None  # instead of target_skip: the share of FFN weight bytes to save
-
-    def __post_init__(self) -> None:
-        problems = [
-            (not 0 < self.target_skip < 1, f"--target-skip must be in (0, 1) (got {self.target_skip:.3g}; a "
-                                           "--target-saved is turned into the skip ratio that saves it)"),
-            (self.target_saved is not None and not 0 < self.target_saved < 1,
-             f"--target-saved must be in (0, 1) (got {self.target_saved})"),
-            (self.estimator not in ESTIMATORS, f"--estimator must be one of {', '.join(ESTIMATORS)} "
-                                               f"(got {self.estimator!r})"),
-            (self.threshold is not None and not 0 < self.threshold < 1,
-             f"--threshold must be a probability strictly between 0 and 1 (got {self.threshold})"),
-            (self.standin_init not in STANDIN_INITS, f"--stand-in-init must be one of {', '.join(STANDIN_INITS)} "
-                                                     f"(got {self.standin_init!r})"),
-            (self.steps < 0 or self.batch_size < 1 or self.seq_len < 2,
-             "--steps must be >= 0, --batch-size >= 1 and --seq-len >= 2"),
-            (self.lr < 0 or self.standin_lr < 0 or self.penalty < 0, "--lr, --stand-in-lr and --penalty must be >= 0"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise ConfigError(message)
-
-
-@dataclass
-class HeldOut:
-    """A router threshold measured on held-out blocks."""
-
-    threshold: float
-    skip_ratio: float
-    nll: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll)
+__all__ = ["ESTIMATORS", "RouterTrainSettings", "RouterTrainResult", "TemperatureSchedule", "run_train_router",
+           "steps_for_tokens", "train_router", "train_routers"]
 
 
 @dataclass
@@ -120,6 +60,8 @@ class RouterTrainResult:
     cost: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    tokens: int = 0  # training tokens of the whole run (resumed steps included)
+    tokens_per_s: float = 0.0  # training speed of this process's steps
 
     @property
     def dense_perplexity(self) -> float:
@@ -131,237 +73,26 @@ class RouterTrainResult:
                 "threshold": self.heldout.threshold, "heldout_skip_ratio": self.heldout.skip_ratio,
                 "heldout_perplexity": self.heldout.perplexity, "dense_heldout_perplexity": self.dense_perplexity,
                 "perplexity_ratio": self.heldout.perplexity / self.dense_perplexity, "cost": self.cost,
-                "seconds": self.seconds, "final": self.history[-1] if self.history else {}}
-
-
-# -- the rate arithmetic -------------------------------------------------------------------------
-def skippable_fraction(config: SkipConfig, seq_len: int) -> float:
-    """Share of all (layer, position) pairs of a ``seq_len`` block that a policy may skip."""
-    return eligible_fraction(config.model.num_layers, len(config.skippable_layers), seq_len, config.warmup)
-
-
-def inner_rate(config: SkipConfig, target_skip: float, seq_len: int) -> float:
-    """The skip rate over skippable layers and post-warm-up positions that realises `target_skip` overall."""
-    room = skippable_fraction(config, seq_len)
-    if room <= 0 or target_skip >= room:
-        raise ConfigError(f"target skip {target_skip:.0%} is out of reach: with cold layers {config.cold_start}/"
-                          f"{config.cold_end} and warm-up {config.warmup} at {seq_len} tokens, at most "
-                          f"{room:.0%} of FFN blocks can be skipped")
-    return target_skip / room
+                "seconds": self.seconds, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+                "final": self.history[-1] if self.history else {}}
 
 
 def router_cost(routers: Routers, model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
     """Router parameters and FLOPs per token and layer, beside the FFN's."""
     layer = adapter.decoder_layers(model)[routers.layers[0]]
     ffn_params = sum(p.numel() for p in adapter.mlp_of(layer).parameters())
-    h = routers.hidden_size
-    router_params = h + 1
-    router_flops = 4 * h + 2 * h + 1  # RMS normalisation (square, mean, scale) + dot product + bias
+    net = routers.nets[str(routers.layers[0])]
+    router_params = sum(p.numel() for p in net.parameters())
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    activations = sum(m.out_features for m in linears[:-1])  # a SiLU per hidden unit (about 4 FLOPs each)
+    # RMS normalisation (square, mean, scale) + the multiply-adds + the bias adds + the activations
+    router_flops = 4 * routers.hidden_size + sum(2 * m.weight.numel() + m.out_features for m in linears) \
+        + 4 * activations
     ffn_flops = 2 * ffn_params
-    return {"router_params_per_layer": router_params, "router_params_total": routers.parameter_count(),
-            "ffn_params_per_layer": ffn_params, "param_share": router_params / ffn_params,
-            "router_flops_per_token": router_flops, "ffn_flops_per_token": ffn_flops,
-            "flop_share": router_flops / ffn_flops}
-
-
-# -- 1. the closed-form initial fit --------------------------------------------------------------
-class _ContributionProbe(SkipPolicy):
-    """A dense policy that records, per skippable layer and post-warm-up token, the router's input and
-    the log of the FFN's relative contribution ``||FFN(x)|| / ||h||``."""
-
-    def __init__(self, config: SkipConfig) -> None:
-        super().__init__(config.model.num_layers, config.skippable_layers, config.warmup)
-        self.features: dict[int, list[Tensor]] = {i: [] for i in self.skippable_layers}
-        self.targets: dict[int, list[Tensor]] = {i: [] for i in self.skippable_layers}
-
-    def rule(self, s: LayerSignals, state: Tensor | None) -> Tensor:
-        assert s.positions is not None  # the runtime always passes them
-        self._warm = self.is_warm(s.positions).expand(s.x.shape[:2])
-        self.features[s.layer].append(router_features(s.attn_delta[self._warm]).cpu())
-        return super().rule(s, state)
-
-    def update(self, layer: int, h_mid: Tensor, delta: Tensor, skip: Tensor, state: Tensor | None) -> None:
-        if layer in self.features:
-            rel = delta[self._warm].float().norm(dim=-1) / h_mid[self._warm].float().norm(dim=-1).clamp_min(1e-6)
-            self.targets[layer].append(rel.clamp_min(1e-8).log().cpu())
-        return None
-
-
-def fit_initial_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor,
-                        rate: float, batch_size: int = 1, sharpness: float = 2.0, ridge: float = 1e-2) -> Routers:
-    """Routers that skip, in each layer at `rate`, the tokens whose FFN contribution is predicted smallest.
-
-    Per layer, a ridge regression predicts the log of the FFN's relative contribution from the router's
-    input (DiffSkip: the attention delta predicts the FFN delta); logits are scaled to `sharpness`
-    per standard deviation of the prediction and cut at its `rate` quantile.
-    """
-    probe = _ContributionProbe(config)
-    with skipping(model, adapter, probe), torch.no_grad():
-        for batch in blocks.split(batch_size):
-            model(batch.to(_device(model)))
-    routers = Routers(config.model.hidden_size, config.skippable_layers)
-    for i in config.skippable_layers:
-        x = torch.cat(probe.features[i]).double()
-        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        xtx = x.T @ x
-        reg = ridge * xtx.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype)
-        reg[-1, -1] = 0  # no penalty on the intercept
-        w = torch.linalg.solve(xtx + reg, x.T @ torch.cat(probe.targets[i]).double()).float()
-        pred = x.float() @ w
-        scale = sharpness / pred.std().clamp_min(1e-6).item()
-        lin = routers.nets[str(i)]
-        lin.weight.data = (-scale * w[:-1]).view(1, -1)  # a small predicted contribution -> a high skip logit
-        lin.bias.data = torch.tensor([-scale * (w[-1].item() - _quantile(pred, rate))])
-    return routers
-
-
-# -- 2. distillation -----------------------------------------------------------------------------
-def train_routers(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
-                  settings: RouterTrainSettings, on_step: StepCallback | None = None,
-                  substitutes: Substitutes = None, standins: StandIns | None = None) -> list[dict[str, float]]:
-    """Train `routers` in place (the LLM stays frozen); returns the per-step history.
-
-    `substitutes` are fixed stand-ins; `standins` are trained jointly with the routers (and used as the
-    substitutes) at ``settings.standin_lr``.
-    """
-    seq_len, warmup = blocks.shape[1], config.warmup
-    target = inner_rate(config, settings.target_skip, seq_len)
-    room = skippable_fraction(config, seq_len)
-    policy = RouterPolicy(config.model.num_layers, config.skippable_layers, warmup, routers, threshold=0.5)
-    policy.train_decisions(settings.estimator, settings.temperature)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    groups = [{"params": list(routers.parameters()), "lr": settings.lr}]
-    if standins is not None:
-        substitutes = standins.by_layer()
-        groups.append({"params": list(standins.parameters()), "lr": settings.standin_lr})
-    params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = torch.optim.Adam(groups)
-    generator = torch.Generator().manual_seed(settings.seed)
-    history: list[dict[str, float]] = []
-    try:
-        with skipping(model, adapter, policy, substitutes) as rt:
-            rt.controller.counting = False
-            for step in range(settings.steps):
-                rows = torch.randint(0, blocks.shape[0], (settings.batch_size,), generator=generator)
-                ids = blocks[rows].to(_device(model))
-                kl, rate = _distillation_step(rt, policy, ids)
-                loss = kl + settings.penalty * (rate - target) ** 2
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "skip_ratio": rate.item() * room}
-                history.append(record)
-                if on_step is not None:
-                    on_step(step + 1, record)
-    finally:
-        policy.train_decisions(None)
-        for p in params:
-            p.requires_grad_(False)
-        for p in frozen:
-            p.requires_grad_(True)
-    return history
-
-
-def _distillation_step(rt: SkipRuntime, policy: RouterPolicy, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(dense || skipping) over the positions past the warm-up, and their straight-through skip rate."""
-    positions = block_positions(ids)
-    warm = policy.is_warm(positions)  # warm-up positions never skip: their distributions are the dense ones
-    with torch.no_grad(), _dense(rt):
-        teacher = F.log_softmax(rt.model(ids, position_ids=positions).logits[warm].float(), dim=-1)
-    student = F.log_softmax(rt.model(ids, position_ids=positions).logits[warm].float(), dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    rate = torch.stack([d[warm].mean() for d in policy.soft_decisions.values()]).mean()
-    return kl, rate
-
-
-@contextmanager
-def _dense(rt: SkipRuntime) -> Iterator[None]:
-    """Every FFN runs (the teacher pass)."""
-    previous = rt.controller.override
-    rt.set_override([FORCE_COMPUTE] * rt.policy.num_layers)
-    try:
-        yield
-    finally:
-        rt.set_override(previous)
-
-
-# -- 3. threshold refit --------------------------------------------------------------------------
-def measure(model: nn.Module, adapter: ArchAdapter, policy: SkipPolicy, blocks: Tensor, batch_size: int = 2,
-            routers: Routers | None = None, substitutes: Substitutes = None) -> tuple[float, float, list[Tensor]]:
-    """Realised skip ratio, mean next-token NLL and (if `routers`) the post-warm-up router logits."""
-    nll_sum, count, warm_logits = 0.0, 0, []
-    with _logit_capture(routers) as logits, skipping(model, adapter, policy, substitutes) as rt, torch.no_grad():
-        for batch in blocks.split(batch_size):
-            batch = batch.to(_device(model))
-            positions = block_positions(batch)
-            out = model(batch, position_ids=positions).logits[:, :-1].float()
-            nll_sum += F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1),
-                                       reduction="sum").item()
-            count += batch[:, 1:].numel()
-            warm = policy.is_warm(positions).cpu()
-            warm_logits += [x[warm] for x in logits]
-            logits.clear()
-        ratio = rt.stats.skip_ratio
-    return ratio, nll_sum / count, warm_logits
-
-
-def refit_threshold(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers, blocks: Tensor,
-                    target_skip: float, iterations: int = 4, batch_size: int = 2,
-                    substitutes: Substitutes = None, start: float = 0.5) -> HeldOut:
-    """The probability threshold whose realised skip ratio on `blocks` is closest to `target_skip`.
-
-    Skipping changes later layers' inputs, so the quantile of the router logits is iterated to a
-    fixed point; every candidate is measured and the closest one is returned.
-    """
-    target = inner_rate(config, target_skip, blocks.shape[1])
-    logit_thr, tried = math.log(start / (1 - start)), []
-    for _ in range(iterations):
-        threshold = _probability(logit_thr)
-        policy = _router_policy(config, routers, threshold)
-        ratio, nll, logits = measure(model, adapter, policy, blocks, batch_size, routers, substitutes)
-        tried.append(HeldOut(threshold, ratio, nll))
-        if abs(ratio - target_skip) < 0.002:
-            break
-        logit_thr = _quantile(torch.cat(logits), 1 - target)
-    return min(tried, key=lambda h: abs(h.skip_ratio - target_skip))
-
-
-def _quantile(values: Tensor, q: float) -> float:
-    """The `q`-quantile of a 1-D tensor of any length (``torch.quantile`` refuses large inputs)."""
-    ordered = values.float().sort().values
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)].item()
-
-
-def _probability(logit: float) -> float:
-    return min(max(1 / (1 + math.exp(-logit)), 1e-6), 1 - 1e-6)
-
-
-def _router_policy(config: SkipConfig, routers: Routers, threshold: float) -> RouterPolicy:
-    return RouterPolicy(config.model.num_layers, config.skippable_layers, config.warmup, routers, threshold)
-
-
-@contextmanager
-def _logit_capture(routers: Routers | None) -> Iterator[list[Tensor]]:
-    """Collect every router logit ``[batch, seq]`` computed inside the block (hooks always removed)."""
-    captured: list[Tensor] = []
-    if routers is None:
-        yield captured
-        return
-    handles = [lin.register_forward_hook(lambda m, i, o: captured.append(o.detach().squeeze(-1).float().cpu()))
-               for lin in routers.nets.values()]
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return {"router_kind": routers.kind, "router_params_per_layer": router_params,
+            "router_params_total": routers.parameter_count(), "ffn_params_per_layer": ffn_params,
+            "param_share": router_params / ffn_params, "router_flops_per_token": router_flops,
+            "ffn_flops_per_token": ffn_flops, "flop_share": router_flops / ffn_flops}
 
 
 # -- the pipeline step ---------------------------------------------------------------------------
@@ -376,12 +107,13 @@ def split_blocks(blocks: Tensor, settings: RouterTrainSettings) -> tuple[Tensor,
 
 def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor, out_dir: str | Path,
                  settings: RouterTrainSettings = RouterTrainSettings(), on_step: StepCallback | None = None,
-                 data: DataSpec | None = None) -> RouterTrainResult:
+                 data: DataSpec | None = None, resume: bool = False) -> RouterTrainResult:
     """Fit, train and threshold the routers for `config`'s cold regions and warm-up; write them to `out_dir`.
 
     Writes ``router.safetensors``, the trained stand-ins (``router_standin.safetensors``, unless
     ``settings.standin`` is None: then a base config's own stand-ins are copied beside the config) and last
-    ``skip_config.json`` (policy ``router``), each atomically.
+    ``skip_config.json`` (policy ``router``), together. While training, ``out_dir/.checkpoint/`` holds the run's
+    latest checkpoint; `resume` continues from it; it is removed once the outputs are written.
     """
     start = time.perf_counter()
     config.check_matches(model)
@@ -390,42 +122,117 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     torch.manual_seed(settings.seed)
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
     rate = inner_rate(config, settings.target_skip, blocks.shape[1])  # an unreachable target fails first
-    standins = initial_standins(model, adapter, config, train_blocks[: settings.init_blocks], settings)
+    checkpoints = Checkpoints(out_dir, settings.checkpoint_every)
+    state = resumable_state(checkpoints, resume, settings, train_blocks)
+    cache = open_teacher_cache(settings, model, config)
+    routers, standins, substitutes = starting_point(model, adapter, config, train_blocks, settings, rate, state)
+    trained_at = time.perf_counter()
+    history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step,
+                            None if standins is not None else substitutes, standins, cache=cache,
+                            checkpoints=checkpoints, resume=state)
+    steps_run = settings.steps - (state.step if state is not None else 0)
+    speed = steps_run * settings.tokens_per_step / max(time.perf_counter() - trained_at, 1e-9)
+    heldout, dense_nll = heldout_figures(model, adapter, config, routers, heldout_blocks, settings, substitutes)
+    result = write_outputs(model, adapter, config, routers, standins, heldout, dense_nll, history, settings, out_dir,
+                           data, blocks.shape[0])
+    checkpoints.remove()
+    result.seconds, result.tokens_per_s = time.perf_counter() - start, speed
+    result.tokens = len(history) * settings.tokens_per_step
+    return result
+
+
+def resumable_state(checkpoints: Checkpoints, resume: bool, settings: RouterTrainSettings,
+                    train_blocks: Tensor) -> TrainingState | None:
+    """The checkpoint's state to continue from (`resume`), or None for a fresh start; one :class:`ConfigError` for
+    a missing, unreadable or mismatched checkpoint, or for a fresh start over an unfinished run's checkpoint."""
+    if not resume:
+        if checkpoints.exists():
+            raise ConfigError(f"{checkpoints.folder} holds an unfinished run: continue it with --resume, or delete "
+                              "that folder to start again")
+        return None
+    state = checkpoints.load()
+    check_resumable(state, settings, blocks_digest(train_blocks), checkpoints.path)
+    return state
+
+
+def open_teacher_cache(settings: RouterTrainSettings, model: nn.Module, config: SkipConfig) -> TeacherCache | None:
+    """The teacher cache the settings name (None: ``--teacher-cache none``)."""
+    root = resolve_cache_root(settings.teacher_cache)
+    if root is None:
+        return None
+    return TeacherCache.open(root, model, config.model.source, settings.teacher_topk)
+
+
+def starting_point(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, train_blocks: Tensor,
+                   settings: RouterTrainSettings, rate: float,
+                   state: TrainingState | None) -> tuple[Routers, StandIns | None, Substitutes]:
+    """The routers and stand-ins training starts from, and the substitutes a skipped FFN adds: the closed-form
+    fits on the first training blocks, or (resuming) modules of the same shape that the checkpoint fills."""
+    init_blocks = train_blocks[: settings.init_blocks]
+    if state is not None:
+        standins = fresh_standins(model, config, settings)
+    else:
+        standins = initial_standins(model, adapter, config, init_blocks, settings)
     if standins is not None:
         substitutes: Substitutes = standins.by_layer()
     else:
         substitutes = load_standins(config).by_layer() if config.standin is not None else None
-    routers = fit_initial_routers(model, adapter, config, train_blocks[: settings.init_blocks], rate)
-    routers.to(_device(model))
-    history = train_routers(model, adapter, config, routers, train_blocks, settings, on_step,
-                            None if standins is not None else substitutes, standins)
+    if state is not None:
+        routers = Routers(config.model.hidden_size, config.skippable_layers, settings.router)
+    else:
+        labels_from = substitutes if settings.router_init == "recoverable" else None
+        routers = fit_initial_routers(model, adapter, config, init_blocks, rate, kind=settings.router,
+                                      substitutes=labels_from)
+    return routers.to(model_device(model)), standins, substitutes
+
+
+def fresh_standins(model: nn.Module, config: SkipConfig, settings: RouterTrainSettings) -> StandIns | None:
+    """Stand-ins of the settings' kind and size (weights to be loaded), or None without a stand-in spec."""
+    spec = settings.standin
+    if spec is None:
+        return None
+    return StandIns(int(model.config.hidden_size), spec.size, config.skippable_layers, spec.kind,
+                    int(model.config.intermediate_size)).to(model_device(model))
+
+
+def heldout_figures(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers,
+                    heldout_blocks: Tensor, settings: RouterTrainSettings,
+                    substitutes: Substitutes) -> tuple[HeldOut, float]:
+    """The threshold (refitted to the target, or the settings' own) with its held-out figures, and the dense NLL."""
     dense = NeverSkip(config.model.num_layers, config.skippable_layers, config.warmup)
     _, dense_nll, _ = measure(model, adapter, dense, heldout_blocks, settings.batch_size)
     if settings.threshold is None:
         heldout = refit_threshold(model, adapter, config, routers, heldout_blocks, settings.target_skip,
                                   batch_size=settings.batch_size, substitutes=substitutes)
     else:
-        policy = _router_policy(config, routers, settings.threshold)
+        policy = router_policy(config, routers, settings.threshold)
         ratio, nll, _ = measure(model, adapter, policy, heldout_blocks, settings.batch_size, None, substitutes)
         heldout = HeldOut(settings.threshold, ratio, nll)
+    return heldout, dense_nll
+
+
+def write_outputs(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, routers: Routers,
+                  standins: StandIns | None, heldout: HeldOut, dense_nll: float, history: list[dict[str, float]],
+                  settings: RouterTrainSettings, out_dir: str | Path, data: DataSpec | None,
+                  num_blocks: int) -> RouterTrainResult:
+    """Write the routers, the trained stand-ins and the router config into `out_dir`, together or not at all."""
     cost = router_cost(routers, model, adapter)
     if standins is not None:
         cost["standin"] = standins.cost(int(model.config.intermediate_size))
     standin_ref = (ArtifactRef(TRAINED_STANDIN_FILENAME, standins.rank_, standins.kind) if standins is not None
                    else _absolute(config, config.standin))
-    with atomic_directory(out_dir) as tmp:  # routers, stand-ins and config appear together or not at all
+    with atomic_directory(out_dir) as tmp:
         routers.cpu().save(tmp / ROUTER_FILENAME)
         if standins is not None:
             standins.cpu().save(tmp / TRAINED_STANDIN_FILENAME)
-        new_config = _router_config(config, settings, heldout, history, tmp, data, blocks.shape[0], standin_ref)
+        new_config = _router_config(config, settings, heldout, history, tmp, data, num_blocks, standin_ref)
         new_config.save_with_artifacts(tmp)  # a base config's fixed stand-ins are copied beside it
     out = Path(out_dir).resolve()
     new_config = new_config.evolve(base_dir=out, standin=None if new_config.standin is None else
                                    replace(new_config.standin, path=Path(new_config.standin.path).name))
-    config_path, router_path = out / CONFIG_FILENAME, out / ROUTER_FILENAME
     standin_path = out / TRAINED_STANDIN_FILENAME if standins is not None else None
-    return RouterTrainResult(new_config, config_path, router_path, standin_path, heldout, dense_nll, cost, history,
-                             time.perf_counter() - start)
+    return RouterTrainResult(new_config, out / CONFIG_FILENAME, out / ROUTER_FILENAME, standin_path, heldout,
+                             dense_nll, cost, history)
 
 
 def with_skip_target(settings: RouterTrainSettings, config: SkipConfig, model: nn.Module,
@@ -440,25 +247,6 @@ def with_skip_target(settings: RouterTrainSettings, config: SkipConfig, model: n
     return replace(settings, target_skip=skip_target(settings.target_saved, spec, int(model.config.hidden_size), ffn))
 
 
-def initial_standins(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blocks: Tensor,
-                     settings: RouterTrainSettings) -> StandIns | None:
-    """The stand-ins joint training starts from (``None`` without a stand-in spec).
-
-    ``closed-form``: the base config's own stand-ins when their kind and size match, else a closed-form fit on
-    `blocks`; ``zero``: stand-ins that add nothing until trained.
-    """
-    spec = settings.standin
-    if spec is None:
-        return None
-    layers, device = config.skippable_layers, _device(model)
-    if settings.standin_init == "zero":
-        return StandIns(int(model.config.hidden_size), spec.size, layers, spec.kind,
-                        int(model.config.intermediate_size)).to(device)
-    if config.standin is not None and (config.standin.kind or "linear", config.standin.rank) == (spec.kind, spec.size):
-        return load_standins(config).to(device)
-    return fit_standins(model, adapter, blocks, layers, spec.size, config.warmup, spec.kind)
-
-
 def _absolute(config: SkipConfig, ref: ArtifactRef | None) -> ArtifactRef | None:
     return None if ref is None else replace(ref, path=str(config.resolve(ref.path).resolve()))
 
@@ -466,8 +254,11 @@ def _absolute(config: SkipConfig, ref: ArtifactRef | None) -> ArtifactRef | None
 def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: HeldOut,
                    history: list[dict[str, float]], out_dir: Path, data: DataSpec | None,
                    num_blocks: int, standin: ArtifactRef | None) -> SkipConfig:
-    training = {"target_skip": settings.target_skip, "steps": settings.steps, "lr": settings.lr,
-                "seq_len": settings.seq_len, "batch_size": settings.batch_size, "estimator": settings.estimator,
+    training = {"target_skip": settings.target_skip, "tokens": settings.steps * settings.tokens_per_step,
+                "steps": settings.steps, "lr": settings.lr, "seq_len": settings.seq_len,
+                "batch_size": settings.batch_size, "estimator": settings.estimator,
+                "temperature": str(settings.temperature), "router": settings.router,
+                "router_init": settings.router_init, "teacher_topk": settings.teacher_topk,
                 "penalty": settings.penalty, "heldout_skip_ratio": heldout.skip_ratio,
                 "heldout_perplexity": heldout.perplexity, "from_policy": config.policy.kind,
                 "final_kl": history[-1]["kl"] if history else None,
@@ -475,7 +266,7 @@ def _router_config(config: SkipConfig, settings: RouterTrainSettings, heldout: H
                 "standin_init": settings.standin_init if settings.standin is not None else None}
     return config.evolve(
         policy=PolicySpec("router", {"threshold": heldout.threshold}), target_skip=settings.target_skip,
-        router=ArtifactRef(ROUTER_FILENAME), standin=standin,
+        router=ArtifactRef(ROUTER_FILENAME, kind=settings.router), standin=standin,
         metadata={**_calibration_data(data, num_blocks, settings.seq_len), **config.metadata,
                   "router_training": training}, base_dir=out_dir.resolve())
 
@@ -492,8 +283,8 @@ def _calibration_data(data: DataSpec | None, num_blocks: int, seq_len: int) -> d
 
 
 def run_train_router(model_source: str, config_path: str | Path | None, data: DataSpec, out_dir: str | Path,
-                     settings: RouterTrainSettings = RouterTrainSettings(),
-                     on_step: StepCallback | None = None) -> RouterTrainResult:
+                     settings: RouterTrainSettings = RouterTrainSettings(), on_step: StepCallback | None = None,
+                     resume: bool = False) -> RouterTrainResult:
     """The `train-router` command: load the model, the base config (or a dense one) and the data, then train."""
     from ..config import dense_config, load_config
     from ..data import token_blocks
@@ -504,6 +295,7 @@ def run_train_router(model_source: str, config_path: str | Path | None, data: Da
 
     check_device(settings.device)
     check_output_dir(out_dir)
+    resolve_cache_root(settings.teacher_cache)  # a bad cache folder fails before the model loads
     base = load_config(config_path) if config_path is not None else None
     if base is not None:
         check_policy(base)
@@ -511,7 +303,7 @@ def run_train_router(model_source: str, config_path: str | Path | None, data: Da
     config = base if base is not None else dense_config(lm.model, source=model_source)
     config.check_matches(lm.model)
     blocks = token_blocks(lm.tokenizer, data, settings.seq_len)
-    return train_router(lm.model, lm.adapter, config, blocks, out_dir, settings, on_step, data)
+    return train_router(lm.model, lm.adapter, config, blocks, out_dir, settings, on_step, data, resume)
 
 
 # -- the sweep curve -----------------------------------------------------------------------------
@@ -533,4 +325,4 @@ def router_sweep_candidate(ctx: Any, target: float, with_standins: bool) -> tupl
                                start=config.policy.params.get("threshold", 0.5))
     except ConfigError:
         return None
-    return _router_policy(config, routers, held.threshold), substitutes
+    return router_policy(config, routers, held.threshold), substitutes

@@ -83,10 +83,9 @@ def test_the_console_script_exits_non_zero_without_traceback():
 
 @pytest.mark.integration
 def test_demo_model_answers_paris(demo):
-    from skiptool.generate import encode_prompt, generate
+    from skiptool.generate import generate
 
-    ids = encode_prompt(demo.tokenizer, "What is the capital of France?")
-    result = generate(demo.model, demo.tokenizer, ids, max_new_tokens=16)
+    result = generate(demo, "What is the capital of France?", max_new_tokens=16)
     assert "Paris" in result.text
 
 

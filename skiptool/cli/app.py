@@ -64,6 +64,15 @@ class OneLineErrors(TyperGroup):
             return code
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; Ctrl-C is one ``error:`` line saying what the command kept (its message), exit 130
+        (typer would exit 130 silently)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            fail_line("error", str(exc) or "interrupted")
+            raise typer.Exit(130) from None
+
 
 def _version(value: bool) -> None:
     if value:
@@ -126,8 +135,10 @@ def data_spec(data: str, field: str, split: str, part: str) -> Any:
 def phase_progress() -> Iterator[PhaseProgress]:
     """Progress of long work, yielding ``update(label, done, total)`` (``total`` 0: no count).
 
-    On a terminal: a rich progress bar per phase, on stderr. Elsewhere (logs, CI): one plain line per phase
-    start and end and at most one every 30 seconds in between, with the elapsed time.
+    A label may end in details in parentheses that change as the work goes, e.g. ``"train routers (loss 0.12,
+    41 tok/s)"``: the part before `` (`` names the phase. On a terminal: a rich progress bar per phase, on stderr.
+    Elsewhere (logs, CI): one plain line per phase start and end and at most one every 30 seconds in between, with
+    the elapsed time.
     """
     if err_console.is_terminal:
         with _rich_progress() as update:
@@ -145,9 +156,10 @@ def _rich_progress() -> Iterator[PhaseProgress]:
         tasks: dict[str, Any] = {}
 
         def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = progress.add_task(label, total=total or None)
-            progress.update(tasks[label], completed=done, total=total or None)
+            phase = phase_of(label)
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(label, total=total or None)
+            progress.update(tasks[phase], description=label, completed=done, total=total or None)
 
         yield update
 
@@ -159,16 +171,21 @@ class _LineProgress:
 
     def __init__(self) -> None:
         self.start = time.monotonic()
-        self.label: str | None = None
+        self.phase: str | None = None
         self.last = 0.0
 
     def __call__(self, label: str, done: int, total: int) -> None:
         now = time.monotonic()
         finished = bool(total) and done >= total
-        if label != self.label or finished or now - self.last >= self.INTERVAL_S:
+        if phase_of(label) != self.phase or finished or now - self.last >= self.INTERVAL_S:
             count = f" {done}/{total}" if total else ""
             err_console.print(f"[{now - self.start:6.0f} s] {label}{count}", highlight=False, soft_wrap=True)
-            self.label, self.last = label, now
+            self.phase, self.last = phase_of(label), now
+
+
+def phase_of(label: str) -> str:
+    """The phase a progress label names: the label without its trailing details in parentheses."""
+    return label.split(" (", 1)[0]
 
 
 def phase_names(update: PhaseProgress) -> Callable[[str], None]:

@@ -94,14 +94,24 @@ def train_router(
                                       help="Realised share of all FFN blocks to skip (all layers and positions)."),
     target_saved: Optional[float] = typer.Option(None, "--target-saved", help="Instead of --target-skip: the share "
                                                  "of FFN weight bytes to save, in (0, 1)."),
-    steps: int = typer.Option(120, "--steps", min=0, help="Training steps (one block each; ~25 min on 2 CPU cores "
-                              "for the demo model)."),
+    tokens: int = typer.Option(65_536, "--tokens", help="Training tokens (steps = tokens / (batch size x seq-len), "
+                               "rounded up). The default takes about 30 min on 2 CPU cores for the demo model; 2 M "
+                               "tokens run overnight (the training part is used in epochs, shuffled per epoch with "
+                               "--seed)."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0),
     seq_len: int = typer.Option(512, "--seq-len", min=2),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Fixed probability threshold in (0, 1) "
                                               "(default: refit to the target)."),
-    estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste or gumbel."),
+    router: str = typer.Option("linear", "--router", help="Router kind: linear (hidden -> 1) or bottleneck "
+                               "(hidden -> hidden/16 -> 1 with a SiLU)."),
+    router_init: str = typer.Option("contribution", "--router-init", help="What the closed-form initial routers "
+                                    "skip first: the tokens whose FFN adds least (contribution) or whose stand-in "
+                                    "error is smallest (recoverable)."),
+    estimator: str = typer.Option("ste", "--estimator", help="Hard decisions' gradient: ste (straight-through) or "
+                                  "gumbel (hard Bernoulli samples, logistic noise)."),
+    temperature: str = typer.Option("1", "--temperature", help="Temperature of the decisions' gradient: T, or "
+                                    "START:END annealed geometrically over training (e.g. 2:0.3)."),
     penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
     stand_in: str = typer.Option("linear:16", "--stand-in", help="Stand-ins trained jointly with the routers: "
                                  "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none (a base config's own "
@@ -109,25 +119,38 @@ def train_router(
     stand_in_init: str = typer.Option("closed-form", "--stand-in-init", help="Start the stand-ins from the "
                                       "closed-form fit (closed-form) or from zero (zero)."),
     stand_in_lr: float = typer.Option(1e-3, "--stand-in-lr", min=0.0),
+    teacher_cache: str = typer.Option("auto", "--teacher-cache", help="Folder of the dense model's top-k "
+                                      "next-token distributions per training block, computed once and reused across "
+                                      "epochs and runs (auto: under $SKIPTOOL_CACHE; none: recompute every step)."),
+    teacher_topk: int = typer.Option(64, "--teacher-topk", help="Tokens of the dense distribution the loss keeps "
+                                     "per position (the rest is one bucket)."),
+    checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="Steps between checkpoints in OUTPUT/"
+                                         ".checkpoint (0: only when interrupted)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run whose checkpoint is in "
+                                "OUTPUT/.checkpoint (same options); it ends where an uninterrupted run ends."),
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Train DiffSkip routers (LLM frozen), with low-rank stand-ins, to a target skip ratio; writes a router skip
-    config (routers, stand-ins and config appear together or not at all)."""
-    from ..calibration.router_train import RouterTrainSettings, run_train_router
+    """Train DiffSkip routers (LLM frozen), with stand-ins trained jointly, to a target skip ratio; writes a router
+    skip config (routers, stand-ins and config appear together or not at all)."""
+    from ..calibration.router_train import RouterTrainSettings, TemperatureSchedule, run_train_router
     from ..standins import StandInSpec
 
-    settings = RouterTrainSettings(target_skip=target_skip, steps=steps, lr=lr, seq_len=seq_len,
-                                   batch_size=batch_size, penalty=penalty, estimator=estimator, threshold=threshold,
-                                   seed=seed, device=device, standin=StandInSpec.parse(stand_in),
-                                   standin_init=stand_in_init, target_saved=target_saved,
-                                   standin_lr=stand_in_lr)
+    settings = RouterTrainSettings(target_skip=target_skip, tokens=tokens, lr=lr, seq_len=seq_len,
+                                   batch_size=batch_size, penalty=penalty, estimator=estimator,
+                                   temperature=TemperatureSchedule.parse(temperature), router=router,
+                                   router_init=router_init, threshold=threshold, seed=seed, device=device,
+                                   standin=StandInSpec.parse(stand_in), standin_init=stand_in_init,
+                                   target_saved=target_saved, standin_lr=stand_in_lr, teacher_cache=teacher_cache,
+                                   teacher_topk=teacher_topk, checkpoint_every=checkpoint_every)
     with phase_progress() as progress:
         def on_step(step: int, r: dict[str, float]) -> None:
-            progress(f"train routers (loss {r['loss']:.3f}, skip {r['skip_ratio']:.0%})", step, steps)
+            progress(f"train routers (loss {r['loss']:.3f}, skip {r['skip_ratio']:.0%}, "
+                     f"{r['tokens_per_s']:.0f} tok/s)", step, int(r["steps"]))
 
-        result = run_train_router(model, config, data_spec(data, field, split, part), output, settings, on_step)
+        result = run_train_router(model, config, data_spec(data, field, split, part), output, settings, on_step,
+                                  resume)
     if as_json:
         print_json(result.to_dict())
         return
