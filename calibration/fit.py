@@ -23,7 +23,7 @@ smallest value that can reach it (recorded in the config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from ..errors import ConfigError, SkipToolError
 from ..fileio import atomic_directory, check_output_dir, write_json_atomic
 from ..policies import CosineGreedy, LayerSignals, RandomSkip
 from ..runtime import SkipStats, skipping
-from ..standins import StandIns, StandInSpec, skip_target
+from ..standins import StandIns, StandInSpec, sized_standin, skip_target
 from .collect import LayerStats, collect_layer_stats, run_blocks
 from .budget import BudgetRule, LayerCurve, choose_warmup, layer_costs, warmup_costs
 from .standin_fit import fit_standins
@@ -286,6 +286,7 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     written unless everything succeeded.
     """
     _check_settings(settings)
+    settings = replace(settings, standin=sized_standin(settings.standin, model))
     if out_dir is not None:
         check_output_dir(out_dir)
     blocks = token_blocks(tokenizer, data, settings.seq_len, settings.samples)
@@ -299,7 +300,7 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     target = settings.skip_target(int(model.config.hidden_size), ffn_weight_count(model, adapter))
     standins = None
     if settings.standin is not None:  # fitted first: the thresholds are fitted with them in place
-        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.size, warmup,
+        standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.known_size, warmup,
                                 settings.standin.kind)
     substitutes = None if standins is None else standins.by_layer()
     costs = _layer_costs(model, adapter, blocks, stats, base, settings, substitutes, progress)

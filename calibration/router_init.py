@@ -114,8 +114,8 @@ def initial_standins(model: nn.Module, adapter: ArchAdapter, config: SkipConfig,
         return None
     layers, device = config.skippable_layers, model_device(model)
     if settings.standin_init == "zero":
-        return StandIns(int(model.config.hidden_size), spec.size, layers, spec.kind,
+        return StandIns(int(model.config.hidden_size), spec.known_size, layers, spec.kind,
                         int(model.config.intermediate_size)).to(device)
-    if config.standin is not None and (config.standin.kind or "linear", config.standin.rank) == (spec.kind, spec.size):
+    if config.standin is not None and (config.standin.kind or "linear", config.standin.rank) == (spec.kind, spec.known_size):
         return load_standins(config).to(device)
-    return fit_standins(model, adapter, blocks, layers, spec.size, config.warmup, spec.kind)
+    return fit_standins(model, adapter, blocks, layers, spec.known_size, config.warmup, spec.kind)

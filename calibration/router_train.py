@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_directory, check_output_dir
 from ..policies import ESTIMATORS, NeverSkip, RouterPolicy, Routers, build_policy
 from ..runtime import load_standins
-from ..standins import StandIns, StandInSpec, skip_target
+from ..standins import StandIns, StandInSpec, sized_standin, skip_target
 from .router_checkpoint import Checkpoints, TrainingState, blocks_digest, check_resumable
 from .router_init import fit_initial_routers, initial_standins
 from .router_loop import StepCallback, train_routers
@@ -118,7 +118,8 @@ def train_router(model: nn.Module, adapter: ArchAdapter, config: SkipConfig, blo
     start = time.perf_counter()
     config.check_matches(model)
     check_output_dir(out_dir)
-    settings = with_skip_target(settings, config, model, adapter)
+    settings = with_skip_target(replace(settings, standin=sized_standin(settings.standin, model)), config, model,
+                                adapter)
     torch.manual_seed(settings.seed)
     train_blocks, heldout_blocks = split_blocks(blocks, settings)
     rate = inner_rate(config, settings.target_skip, blocks.shape[1])  # an unreachable target fails first
@@ -191,7 +192,7 @@ def fresh_standins(model: nn.Module, config: SkipConfig, settings: RouterTrainSe
     spec = settings.standin
     if spec is None:
         return None
-    return StandIns(int(model.config.hidden_size), spec.size, config.skippable_layers, spec.kind,
+    return StandIns(int(model.config.hidden_size), spec.known_size, config.skippable_layers, spec.kind,
                     int(model.config.intermediate_size)).to(model_device(model))
 
 

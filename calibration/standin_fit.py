@@ -23,7 +23,7 @@ from ..adapters import ArchAdapter
 from ..errors import ConfigError
 from ..policies import block_positions, is_warm
 from ..registry import Registry
-from ..standins import StandIns, StandInSpec, reduced_rank_fit, ridge_solve
+from ..standins import StandIns, StandInSpec, reduced_rank_fit
 
 Recorder = Callable[[int, Tensor, Tensor, Tensor], None]  # (layer, x, a, y) of the warm tokens
 
@@ -138,14 +138,27 @@ def fit_core(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: lis
     _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(a[:, chosen[i].to(a.device)], y))
     standins = StandIns(int(model.config.hidden_size), k, layers, "core", int(model.config.intermediate_size))
     for i in layers:
-        mx, my, caa, cay = acc[i].centred()
-        down = ridge_solve(caa, cay).float()  # [k, hidden]: y - my ≈ (a_k - mx) @ down
-        m, idx = standins.maps[str(i)], chosen[i]
+        idx = chosen[i]
+        own = getattr(mlps[i], down_name).weight.detach()[:, idx].T.double().cpu()  # the kept neurons' own columns
+        down = refit_down(acc[i], own).float()  # [k, hidden]: y - my ≈ (a_k - mx) @ down
+        mx, my = acc[i].sx / acc[i].n, acc[i].sy / acc[i].n
+        m = standins.maps[str(i)]
         m.gate.weight.data.copy_(getattr(mlps[i], gate_name).weight.detach()[idx].float().cpu())
         m.up.weight.data.copy_(getattr(mlps[i], up_name).weight.detach()[idx].float().cpu())
         m.down.weight.data.copy_(down.T)
         m.down.bias.data.copy_((my.double() - mx.double() @ down.double()).float())
     return standins
+
+
+def refit_down(acc: MomentAccumulator, own: Tensor) -> Tensor:
+    """The least-squares down projection of the kept neurons, shrunk towards their own columns `own` by a ridge that
+    matters only when tokens are few next to the neurons: ``(k / n)^2`` of the activations' mean variance (1 with
+    as many tokens as neurons, 0.0007 for 96 neurons on 3,600 tokens). Without it a fit on a few tokens
+    interpolates them and the stand-in is worse than none."""
+    _, _, caa, cay = acc.centred()
+    k = caa.shape[0]
+    ridge = caa.diagonal().mean().clamp(min=1e-12) * (1e-4 + (k / max(acc.n, 1)) ** 2)
+    return torch.linalg.solve(caa + ridge * torch.eye(k, dtype=caa.dtype), cay + ridge * own)
 
 
 def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,

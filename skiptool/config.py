@@ -57,6 +57,13 @@ class ArtifactRef:
     kind: str | None = None
 
 
+# calibrate's and train-router's stand-in when none is named (KIND:SIZE, see skiptool.standins): the FFN's own most
+# important 1/16 of neurons (96 for SmolLM2-135M), which on WikiText-2 gave the lowest perplexity at equal FFN bytes
+# saved of the kinds and sizes measured (README "Quality per byte saved"). Here, not in skiptool.standins, so the
+# CLI can show it without importing torch.
+DEFAULT_STANDIN = "core:auto"
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """A policy kind and its parameters, as stored. The kinds and their typed parameters are registered in

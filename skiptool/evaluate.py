@@ -394,11 +394,13 @@ class SweepContext:
     def standins_for(self, spec: Any) -> dict[int, nn.Module]:
         """Closed-form stand-ins of a :class:`~skiptool.standins.StandInSpec`, fitted once on the calibration blocks."""
         from .calibration.standin_fit import fit_standins
+        from .standins import sized_standin
 
+        spec = sized_standin(spec, self.model)
         cache = self.__dict__.setdefault("_standins", {})
         if spec not in cache:
             cache[spec] = fit_standins(self.model, self.adapter, self.calibration_blocks, self.config.skippable_layers,
-                                       spec.size, self.config.warmup, spec.kind).by_layer()
+                                       spec.known_size, self.config.warmup, spec.kind).by_layer()
         return cache[spec]
 
 

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import DEFAULT_STANDIN
 from .errors import ConfigError
 from .fileio import read_safetensors, save_safetensors_atomic
 from .registry import Registry
 
-DEFAULT_KIND = "linear"
-DEFAULT_RANK = 16  # the default size of calibrate's and train-router's stand-ins
+RANK_KIND = "linear"  # the kind a bare size names ("16" is linear:16), and the kind of files written before kinds
+AUTO_SIZE = "auto"  # KIND:auto is the kind's default size for the model (StandIn.default_size)
 
 
 class StandIn(nn.Module):
@@ -50,6 +51,11 @@ class StandIn(nn.Module):
     @classmethod
     def weights_for(cls, hidden_size: int, size: int) -> int:
         """How many weights a stand-in of this kind and size holds."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_size(cls, hidden_size: int, intermediate_size: int) -> int:
+        """The size ``KIND:auto`` means for a model of these sizes."""
         raise NotImplementedError
 
     def weight_count(self) -> int:
@@ -80,6 +86,10 @@ class LowRankStandIn(StandIn):
     @classmethod
     def weights_for(cls, hidden_size: int, size: int) -> int:
         return 2 * hidden_size * size + hidden_size
+
+    @classmethod
+    def default_size(cls, hidden_size: int, intermediate_size: int) -> int:
+        return min(16, hidden_size)
 
     @property
     def rank(self) -> int:
@@ -112,6 +122,10 @@ class CoreStandIn(StandIn):
     def weights_for(cls, hidden_size: int, size: int) -> int:
         return 3 * hidden_size * size + hidden_size
 
+    @classmethod
+    def default_size(cls, hidden_size: int, intermediate_size: int) -> int:
+        return max(1, intermediate_size // 16)  # 96 of SmolLM2-135M's 1536 neurons: ~6 % of the FFN's weights
+
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.to(self.gate.weight.dtype)
         return self.down(F.silu(self.gate(x32)) * self.up(x32)).to(x.dtype)
@@ -119,50 +133,74 @@ class CoreStandIn(StandIn):
 
 @dataclass(frozen=True)
 class StandInSpec:
-    """A stand-in kind and size, as ``--stand-in`` takes it: ``KIND:SIZE``, or a bare rank for ``linear``."""
+    """A stand-in kind and size, as ``--stand-in`` takes it: ``KIND:SIZE``, ``KIND:auto`` (size None until
+    :meth:`sized` for a model), or a bare rank for ``linear``."""
 
-    kind: str = DEFAULT_KIND
-    size: int = DEFAULT_RANK
+    kind: str = DEFAULT_STANDIN.partition(":")[0]
+    size: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "StandInSpec | None":
-        """``"core:96"``, ``"linear:16"``, ``"16"`` (linear), ``"0"`` or ``"none"`` (no stand-in: None)."""
+        """``"core:96"``, ``"core:auto"``, ``"linear:16"``, ``"16"`` (linear), ``"0"`` or ``"none"`` (None)."""
         text = text.strip()
         if text in ("0", "none"):
             return None
-        kind, _, size = text.rpartition(":") if ":" in text else (DEFAULT_KIND, "", text)
+        kind, _, size = text.rpartition(":") if ":" in text else (RANK_KIND, "", text)
         STANDIN_KINDS.get(kind)
+        if size == AUTO_SIZE:
+            return cls(kind, None)
         try:
             value = int(size)
         except ValueError:
-            raise ConfigError(f"--stand-in must be KIND:SIZE (e.g. core:96, linear:16), a rank, or none "
+            raise ConfigError(f"--stand-in must be KIND:SIZE (e.g. core:96, linear:16), KIND:auto, a rank, or none "
                               f"(got {text!r})") from None
         if value < 1:
             raise ConfigError(f"stand-in size must be at least 1 (got {value}); use none for no stand-in")
         return cls(kind, value)
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.size}"
+        return f"{self.kind}:{AUTO_SIZE if self.size is None else self.size}"
+
+    def sized(self, hidden_size: int, intermediate_size: int) -> "StandInSpec":
+        """This spec with its size settled for a model of these sizes (``auto`` resolved), checked to fit."""
+        spec = self if self.size is not None else StandInSpec(
+            self.kind, STANDIN_KINDS.get(self.kind).default_size(hidden_size, intermediate_size))
+        spec.check(hidden_size, intermediate_size)
+        return spec
 
     def check(self, hidden_size: int, intermediate_size: int) -> None:
         """One clear error unless the size fits the model."""
         cls = STANDIN_KINDS.get(self.kind)
         limit = cls.max_size(hidden_size, intermediate_size)
-        if not 1 <= self.size <= limit:
+        if self.size is None or not 1 <= self.size <= limit:
             raise ConfigError(f"a {self.kind} stand-in's {cls.size_name} must be between 1 and {limit} for this model "
                               f"(got {self.size})")
+
+    @property
+    def known_size(self) -> int:
+        """The size; a spec still at ``auto`` is a programming error here (call :meth:`sized` first)."""
+        if self.size is None:
+            raise ValueError(f"stand-in {self} used before sized() for a model")
+        return self.size
+
+
+def sized_standin(spec: StandInSpec | None, model: nn.Module) -> StandInSpec | None:
+    """`spec` with its size settled for `model` (``auto`` resolved) and checked to fit; None stays None."""
+    if spec is None:
+        return None
+    return spec.sized(int(model.config.hidden_size), int(model.config.intermediate_size))
 
 
 def skip_target(target_saved: float, spec: StandInSpec | None, hidden_size: int, ffn_weights: int) -> float:
     """The share of (layer, position) pairs to skip so that a share `target_saved` of FFN weight bytes is saved
     when every skipped FFN is replaced by a stand-in of `spec` (None: zeros)."""
-    used = STANDIN_KINDS.get(spec.kind).weights_for(hidden_size, spec.size) if spec is not None else 0
+    used = STANDIN_KINDS.get(spec.kind).weights_for(hidden_size, spec.known_size) if spec is not None else 0
     return target_saved / (1.0 - used / ffn_weights)
 
 
 def check_rank(rank: int, hidden_size: int) -> None:
     """A linear stand-in's rank must be in [1, hidden size] (a clear error otherwise)."""
-    StandInSpec(DEFAULT_KIND, rank).check(hidden_size, hidden_size)
+    StandInSpec(RANK_KIND, rank).check(hidden_size, hidden_size)
 
 
 def saved_per_skip(standin: nn.Module | None, ffn_weights: int) -> float:
@@ -174,7 +212,7 @@ def saved_per_skip(standin: nn.Module | None, ffn_weights: int) -> float:
 class StandIns(nn.Module):
     """One stand-in of one kind and size per skippable layer, saved and loaded as one safetensors file."""
 
-    def __init__(self, hidden_size: int, rank: int, layers: list[int], kind: str = DEFAULT_KIND,
+    def __init__(self, hidden_size: int, rank: int, layers: list[int], kind: str = RANK_KIND,
                  intermediate_size: int | None = None) -> None:
         super().__init__()
         intermediate = intermediate_size if intermediate_size is not None else hidden_size
@@ -216,7 +254,7 @@ class StandIns(nn.Module):
         raw, meta = read_safetensors(path, "stand-in weights")
         tensors = {k.split(".", 1)[1]: v for k, v in raw.items()}
         try:
-            file_kind = meta.get("kind", DEFAULT_KIND)  # files written before kinds existed are linear
+            file_kind = meta.get("kind", RANK_KIND)  # files written before kinds existed are linear
             file_rank, file_hidden = int(meta["rank"]), int(meta["hidden_size"])
             file_layers = [int(i) for i in meta["layers"].split(",") if i]
         except Exception as exc:  # noqa: BLE001

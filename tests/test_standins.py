@@ -10,7 +10,7 @@ from skiptool.errors import ConfigError, SkipToolError
 from skiptool.policies import StaticMask
 from skiptool.runtime import skipping
 from skiptool.standins import StandIns, StandInSpec, reduced_rank_fit
-from skiptool.calibration.standin_fit import MomentAccumulator, fit_standins
+from skiptool.calibration.standin_fit import MomentAccumulator, fit_standins, refit_down
 
 LAYERS, SKIPPABLE = 6, [1, 2, 3, 4]
 
@@ -137,6 +137,19 @@ def test_stand_in_specs_parse_kind_and_size_and_check_them_against_the_model():
         StandInSpec("core", 65).check(32, 64)
 
 
+def test_the_default_stand_in_is_a_sixteenth_of_the_ffns_own_neurons_sized_per_model(tiny_model):
+    from skiptool.standins import sized_standin
+
+    assert StandInSpec() == StandInSpec.parse("core:auto") == StandInSpec("core", None)
+    assert StandInSpec().sized(576, 1536) == StandInSpec("core", 96)  # SmolLM2-135M
+    assert StandInSpec("core", None).sized(8, 8) == StandInSpec("core", 1)  # never zero neurons
+    assert StandInSpec.parse("linear:auto").sized(8, 64) == StandInSpec("linear", 8)  # capped at the hidden size
+    assert sized_standin(StandInSpec(), tiny_model) == StandInSpec("core", tiny_model.config.intermediate_size // 16)
+    assert sized_standin(None, tiny_model) is None and str(StandInSpec()) == "core:auto"
+    with pytest.raises(ValueError, match="before sized"):
+        StandInSpec().known_size
+
+
 def test_a_skip_saves_the_ffn_bytes_its_stand_in_does_not_read():
     from skiptool.standins import CoreStandIn, LowRankStandIn, saved_per_skip, skip_target
 
@@ -192,3 +205,17 @@ def test_core_stand_ins_round_trip_and_refuse_another_kind(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="do not match"):
         StandIns.load(path, 32, SKIPPABLE, kind="linear")
+
+
+def test_core_down_refit_follows_plenty_of_data_and_keeps_its_own_columns_on_scarce_data():
+    torch.manual_seed(0)
+    own, true = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    plenty = MomentAccumulator(8, 5)
+    x = torch.randn(20000, 8)
+    plenty.add(x, x.double() @ true)
+    assert torch.allclose(refit_down(plenty, own), true, atol=1e-2)
+    scarce = MomentAccumulator(8, 5)
+    x = torch.randn(8, 8)
+    scarce.add(x, x.double() @ own + 3 * torch.randn(8, 5, dtype=torch.float64))  # as many tokens as neurons
+    plain = torch.linalg.lstsq(scarce.centred()[2], scarce.centred()[3]).solution
+    assert (refit_down(scarce, own) - own).norm() < 0.5 * (plain - own).norm()

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_STANDIN
 from ..errors import SkipToolError
 from .app import (OUTPUT, DataOpt, DeviceOpt, FieldOpt, JsonOpt, ModelArg, SplitOpt, app, console, data_spec,
                   phase_progress, print_json, wrote)
@@ -38,7 +39,7 @@ def calibrate(
     threshold_mode: str = typer.Option("per-layer", "--threshold-mode", help="per-layer or global quantiles, or "
                                        "budget: skips spread over the layers where they cost least (KL to the dense "
                                        "model per byte saved, measured layer by layer)."),
-    stand_in: str = typer.Option("linear:16", "--stand-in", help="Closed-form stand-ins that replace skipped FFNs: "
+    stand_in: str = typer.Option(DEFAULT_STANDIN, "--stand-in", help="Closed-form stand-ins that replace skipped FFNs: "
                                  "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none."),
     target_saved: Optional[float] = typer.Option(None, "--target-saved", help="Instead of --target-skip: the share "
                                                  "of FFN weight bytes to save (a skip saves 1 - the stand-in's share "
@@ -113,7 +114,7 @@ def train_router(
     temperature: str = typer.Option("1", "--temperature", help="Temperature of the decisions' gradient: T, or "
                                     "START:END annealed geometrically over training (e.g. 2:0.3)."),
     penalty: float = typer.Option(100.0, "--penalty", min=0.0, help="Weight of (skip rate - target)^2."),
-    stand_in: str = typer.Option("linear:16", "--stand-in", help="Stand-ins trained jointly with the routers: "
+    stand_in: str = typer.Option(DEFAULT_STANDIN, "--stand-in", help="Stand-ins trained jointly with the routers: "
                                  "KIND:SIZE (linear:RANK, core:NEURONS), a bare rank, or none (a base config's own "
                                  "stand-ins are then kept as they are)."),
     stand_in_init: str = typer.Option("closed-form", "--stand-in-init", help="Start the stand-ins from the "
