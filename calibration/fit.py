@@ -301,7 +301,8 @@ def calibrate(model: nn.Module, adapter: ArchAdapter, tokenizer: Any, data: Data
     standins = None
     if settings.standin is not None:  # fitted first: the thresholds are fitted with them in place
         standins = fit_standins(model, adapter, blocks, base.skippable_layers, settings.standin.known_size, warmup,
-                                settings.standin.kind)
+                                settings.standin.kind,
+                                None if progress is None else (lambda d, n: progress("fit stand-ins", d, n)))
     substitutes = None if standins is None else standins.by_layer()
     costs = _layer_costs(model, adapter, blocks, stats, base, settings, substitutes, progress)
     rule = BudgetRule(costs, lambda knobs: layer_thresholds(stats.saturation, knobs)).thresholds if costs else None

@@ -86,29 +86,40 @@ def _recording(model: nn.Module, adapter: ArchAdapter, layers: list[int], warm: 
 @torch.no_grad()
 def _dense_pass(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], warmup: int,
                 record: Recorder, progress: Callable[[int], Any] | None = None) -> None:
+    """Run `blocks` one by one through the decoder stack (no LM head), recording the listed layers' MLPs; calls
+    ``progress(blocks done)``."""
     device = next(model.parameters()).device
+    body = getattr(model, "model", model)
     warm: list[Tensor] = [torch.zeros(0, dtype=torch.bool)]
     with _recording(model, adapter, layers, warm, record):
         for b in range(blocks.shape[0]):
             ids = blocks[b:b + 1].to(device)
             positions = block_positions(ids)
             warm[0] = is_warm(positions, warmup)
-            model(ids, position_ids=positions)
+            body(input_ids=ids, position_ids=positions)
             if progress is not None:
                 progress(b + 1)
 
 
-Fitter = Callable[[nn.Module, ArchAdapter, Tensor, list[int], int, int], StandIns]
+BlockProgress = Callable[[int, int], Any]  # (blocks done, blocks in all) over every pass of a fit
+Fitter = Callable[[nn.Module, ArchAdapter, Tensor, list[int], int, int, BlockProgress | None], StandIns]
+
+
+def _pass_progress(progress: BlockProgress | None, blocks: Tensor, index: int, passes: int) -> Callable[[int], Any] | None:
+    """Pass `index` of `passes` over `blocks`, reported as blocks done over all passes."""
+    n = int(blocks.shape[0])
+    return None if progress is None else (lambda done: progress(index * n + done, passes * n))
 FITTERS: Registry[Fitter] = Registry("stand-in kind")
 
 
 @FITTERS.add("linear")
 def fit_linear(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,
-               warmup: int) -> StandIns:
+               warmup: int, progress: BlockProgress | None = None) -> StandIns:
     """Reduced-rank least squares of each FFN's output on its input."""
     hidden = int(model.config.hidden_size)
     acc = {i: MomentAccumulator(hidden) for i in layers}
-    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(x, y))
+    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(x, y),
+                _pass_progress(progress, blocks, 0, 1))
     standins = StandIns(hidden, rank, layers, "linear", int(model.config.intermediate_size))
     for i in layers:
         mx, my, cxx, cxy = acc[i].centred()
@@ -122,7 +133,7 @@ def fit_linear(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: l
 
 @FITTERS.add("core")
 def fit_core(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], k: int,
-             warmup: int) -> StandIns:
+             warmup: int, progress: BlockProgress | None = None) -> StandIns:
     """Each FFN's top-k neurons (mean |activation| x down-column norm), down projection refitted to the FFN."""
     decoder, (gate_name, up_name, down_name) = adapter.decoder_layers(model), adapter.mlp_linears
     mlps = {i: adapter.mlp_of(decoder[i]) for i in layers}
@@ -131,11 +142,12 @@ def fit_core(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: lis
     def score(i: int, x: Tensor, a: Tensor, y: Tensor) -> None:
         magnitude[i] += a.float().abs().sum(0).double().cpu()
 
-    _dense_pass(model, adapter, blocks, layers, warmup, score)
+    _dense_pass(model, adapter, blocks, layers, warmup, score, _pass_progress(progress, blocks, 0, 2))
     chosen = {i: (magnitude[i] * getattr(mlps[i], down_name).weight.detach().double().cpu().norm(dim=0)).topk(k).indices
               for i in layers}
     acc = {i: MomentAccumulator(k, int(model.config.hidden_size)) for i in layers}
-    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(a[:, chosen[i].to(a.device)], y))
+    _dense_pass(model, adapter, blocks, layers, warmup, lambda i, x, a, y: acc[i].add(a[:, chosen[i].to(a.device)], y),
+                _pass_progress(progress, blocks, 1, 2))
     standins = StandIns(int(model.config.hidden_size), k, layers, "core", int(model.config.intermediate_size))
     for i in layers:
         idx = chosen[i]
@@ -162,8 +174,9 @@ def refit_down(acc: MomentAccumulator, own: Tensor) -> Tensor:
 
 
 def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: list[int], rank: int,
-                 warmup: int = 0, kind: str = "linear") -> StandIns:
-    """Closed-form stand-ins of `kind` and size `rank` for each layer in `layers`, from dense passes over `blocks`."""
+                 warmup: int = 0, kind: str = "linear", progress: BlockProgress | None = None) -> StandIns:
+    """Closed-form stand-ins of `kind` and size `rank` for each layer in `layers`, from dense passes over `blocks`
+    (``progress(blocks done, blocks in all)`` after each block)."""
     if warmup >= blocks.shape[1]:
         raise ConfigError(f"warm-up ({warmup}) covers the whole {blocks.shape[1]}-token block: no tokens to fit "
                           "stand-ins on (use a longer --seq-len)")
@@ -171,4 +184,4 @@ def fit_standins(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers:
     if kind == "core" and getattr(model.config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"core stand-ins copy SwiGLU neurons; this model's FFN uses {model.config.hidden_act}")
     device = next(model.parameters()).device
-    return FITTERS.get(kind)(model, adapter, blocks, layers, rank, warmup).to(device)
+    return FITTERS.get(kind)(model, adapter, blocks, layers, rank, warmup, progress).to(device)

@@ -213,6 +213,19 @@ def test_calibrate_writes_a_loadable_config_statistics_and_plot(tiny_model_dir, 
                                                                    "skip_config.json", "standin.safetensors"]
 
 
+def test_calibrate_reports_every_long_phase_including_the_stand_in_fit(tiny_model_dir, tmp_path):
+    from skiptool.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    seen: dict[str, tuple[int, int]] = {}
+    settings = CalibrationSettings(target_skip=0.2, samples=6, seq_len=40, warmup=8, standin=StandInSpec("core", 4))
+    calibrate(lm.model, lm.adapter, lm.tokenizer, DataSpec(str(word_text(tmp_path / "w.txt")), part=(0, 0.5)),
+              settings, progress=lambda label, done, total: seen.__setitem__(label, (done, total)))
+    assert seen["statistics"] == (6, 6)
+    assert seen["fit stand-ins"] == (12, 12)  # core: two passes over the six blocks
+    assert any(label.startswith("fit run") for label in seen)
+
+
 def test_calibrate_with_stand_in_writes_the_weights_the_config_names(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
