@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Callable
 
 
@@ -12,7 +13,11 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
 
     def attribute(name: str) -> Any:
         if name in exports:
-            return getattr(importlib.import_module(exports[name]), name)
+            value = getattr(importlib.import_module(exports[name]), name)
+            # importing a submodule of the same name (skiptool.generate defines generate) sets the package's
+            # attribute to the submodule; `from skiptool import generate` would then get the module, not the function
+            setattr(sys.modules[package], name, value)
+            return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return attribute

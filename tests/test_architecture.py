@@ -99,6 +99,13 @@ def test_skiptool_help_imports_no_heavy_package():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_top_level_api_gives_functions_even_where_a_submodule_has_the_same_name():
+    code = ("from skiptool import evaluate, generate, open_runtime; import skiptool; "
+            "print(all(callable(f) for f in (generate, evaluate, open_runtime, skiptool.generate)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("package", ["calibration", "exporters"])
 def test_the_top_level_pipeline_folders_are_the_package_s_own(package):
     link = PACKAGE / package
