@@ -475,6 +475,18 @@ class _StepOnly:
         return self.backend.step(token_id)
 
 
+def test_bench_quality_blocks_longer_than_the_model_s_positions_are_one_error_line(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from skiptool.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(tiny_model_dir), "--quality", "--quality-seq-len", "100000",
+                                      "--no-peers", "--json", str(tmp_path / "b.json")])
+    one_line_error(result, "--quality-seq-len 100000 is beyond the model's")
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_pareto_front_keeps_only_runs_no_other_run_beats_on_speed_and_quality():
     from skiptool.bench import pareto_front
 

@@ -235,7 +235,7 @@ def test_eval_refuses_bad_input_before_the_model_loads(args, fragment, inputs, t
     ([], "needs --config (a skip config) or --onnx"),
     (["--onnx", "{nograph}", "-o", "{afile}"], "exists and is not a directory"),  # before the graph is opened
     (["--onnx", "{nograph}", "--sweep"], "drop --config, --sweep"),
-    (["--onnx", "{afile}"], "Not a directory"),
+    (["--onnx", "{afile}"], "is a file, not an export folder"),
 ])
 def test_eval_of_an_export_refuses_bad_input_before_any_work(args, fragment, inputs, tmp_path, monkeypatch,
                                                              no_model_load):

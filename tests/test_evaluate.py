@@ -105,7 +105,7 @@ def test_sweep_runs_extra_curves_and_reports_realised_ratios(lm, text, tmp_path)
 
 def test_standin_curves_add_closed_form_stand_ins_to_the_policy(lm, text):
     from skiptool.evaluate import SWEEP_CURVES
-    from skiptool.standins import LowRankStandIn
+    from skiptool.standins import CoreStandIn, StandInSpec
 
     config = dense_config(lm.model, warmup=4, cold_start=1, cold_end=1)
     config = config.evolve(metadata={"calibration_data": {"source": str(text), "part": [0, 0.5], "samples": 3,
@@ -116,7 +116,8 @@ def test_standin_curves_add_closed_form_stand_ins_to_the_policy(lm, text):
     policy, subs = SWEEP_CURVES["static+standin"](ctx, 0.15)
     assert isinstance(policy, StaticMask) and torch.equal(policy.mask, SWEEP_CURVES["static"](ctx, 0.15).mask)
     assert sorted(subs) == config.skippable_layers
-    assert all(isinstance(m, LowRankStandIn) and m.rank == 16 for m in subs.values())
+    default = StandInSpec().sized(lm.model.config.hidden_size, lm.model.config.intermediate_size)  # core:auto
+    assert all(isinstance(m, CoreStandIn) and m.size == default.size for m in subs.values())
     policy, subs = SWEEP_CURVES["cosine+standin"](ctx, 0.15)
     assert type(policy).__name__ == "CosineGreedy" and sorted(subs) == config.skippable_layers
     sweep = run_sweep(ctx, [0.15], ["static", "static+standin"])

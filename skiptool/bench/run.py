@@ -57,9 +57,6 @@ def run_bench(req: BenchRequest, on_start: Callable[[int], None] | None = None,
         check_policy(config)
     lm = load_model(req.model, decode_dtype(req.device, req.dtype), req.device, needs_tokenizer=False)
     check_length(req.prompt_tokens, req.new_tokens, context_length(lm))
-    positions = context_length(lm)
-    if req.quality and positions is not None and req.quality_tokens > positions:
-        raise SkipToolError(f"--quality-seq-len {req.quality_tokens} is beyond the model's {positions} positions")
     if config is not None:
         config.check_matches(lm.model)
     m = Measurement(_prompts(req, lm), req.new_tokens, req.repeats, req.warmup, _quality_blocks(req, lm))
@@ -142,6 +139,9 @@ def _quality_blocks(req: BenchRequest, lm: Any) -> list[list[int]] | None:
         return None
     if lm.tokenizer is None:
         raise SkipToolError(f"--quality needs text: {NO_TOKENIZER}")
+    positions = context_length(lm)
+    if positions is not None and req.quality_tokens > positions:
+        raise SkipToolError(f"--quality-seq-len {req.quality_tokens} is beyond the model's {positions} positions")
     blocks = bench_prompts(lm.tokenizer, req.data, req.quality_tokens, req.quality_blocks, part=(0.5, 1.0))
     if len(blocks) < req.quality_blocks:
         raise SkipToolError(f"--quality: the second half of {req.data or 'the built-in sample'} holds {len(blocks)} "
