@@ -32,7 +32,7 @@ from skiptool.contract import (GENAI_CONFIG_FILE, MODEL_FILE, SKIP_MASK, ExportM
 from skiptool.errors import ConfigError, SkipToolError
 from skiptool.fileio import atomic_directory, write_json_atomic
 from skiptool.models import LoadedModel, eos_token_ids, load_model
-from skiptool.onnx_graph import EXTERNAL_DATA_OVER, count_ops, iter_nodes, quiet_exporter
+from skiptool.onnx_graph import EXTERNAL_DATA_OVER, count_ops, graphs_by_if, iter_nodes, quiet_exporter
 from skiptool.policies import NeverSkip, check_policy
 from skiptool.runtime import SkipRuntime, apply_skip, open_runtime
 
@@ -138,20 +138,32 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """Store transposed copies of weights that the graph would otherwise transpose at every run.
 
     A tied LM head (``lm_head.weight`` is the embedding table, read by ``Gather`` too) is exported as
-    ``MatMul(x, Transpose(W))``; ONNX Runtime keeps that ``Transpose`` of the whole table in every
-    decode step. Returns how many were folded.
+    ``MatMul(x, Transpose(W))``, and so are stand-in weights inside the ``If`` branches; ONNX Runtime keeps such a
+    ``Transpose`` in every decode step, and its weight quantizer skips a ``MatMul`` whose weight is not an
+    initializer (the int4 export of a core stand-in refused 168 float MatMuls in its branches). Each (weight,
+    permutation) is stored once, in the main graph, whatever branch reads it. Returns how many were folded.
     """
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    folded = [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    folded = [n for n, _ in iter_nodes(model.graph) if n.op_type == "Transpose" and n.input[0] in inits]
+    renamed: dict[str, str] = {}
     for node in folded:
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        array = numpy_helper.to_array(inits[node.input[0]])
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)),
-                                                               node.output[0]))
-        model.graph.node.remove(node)
-    used = {i for n, _ in iter_nodes(model.graph) for i in n.input}
+        name = f"{node.input[0]}.T" if perm in (None, [1, 0]) else f"{node.input[0]}.T{''.join(map(str, perm))}"
+        if name not in inits:
+            array = numpy_helper.to_array(inits[node.input[0]])
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)), name)
+            model.graph.initializer.append(inits[name])
+        renamed[node.output[0]] = name
+    for graph, _ in list(graphs_by_if(model.graph)):
+        for node in [n for n in graph.node if n.op_type == "Transpose" and n.output[0] in renamed]:
+            graph.node.remove(node)
+        for node in graph.node:
+            node.input[:] = [renamed.get(i, i) for i in node.input]
+        for out in graph.output:
+            out.name = renamed.get(out.name, out.name)
+    used = {i for n, _ in iter_nodes(model.graph) for i in n.input} | {o.name for o in model.graph.output}
     for name in {n.input[0] for n in folded} - used:  # an untied weight now lives only transposed
         model.graph.initializer.remove(inits[name])
     return len(folded)

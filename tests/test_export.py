@@ -419,3 +419,37 @@ def test_a_tied_lm_head_is_not_transposed_at_every_run():
     assert not any(n.op_type == "Transpose" for n in model.graph.node)
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(after, before)
+
+
+def test_weight_transposes_inside_if_branches_become_one_shared_initializer():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from skiptool.exporters.onnx import fold_weight_transposes
+    from skiptool.onnx_graph import iter_nodes
+
+    weight = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)  # Linear(4 -> 5) layout
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        nodes = [helper.make_node("Transpose", ["W"], [f"{name}_wt"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", f"{name}_wt"], [f"{name}_y"]),
+                 helper.make_node("Mul", [f"{name}_y", f"{name}_s"], [f"{name}_out"])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT,
+                                                                                    [2, 5])],
+                                 [numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{name}_s")])
+
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    graph = helper.make_graph([node], "ifs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    feeds = [{"x": x, "cond": np.array(c)} for c in (True, False)]
+    before = [ort.InferenceSession(model.SerializeToString()).run(None, f)[0] for f in feeds]
+    assert fold_weight_transposes(model) == 2
+    assert not any(n.op_type == "Transpose" for n, _ in iter_nodes(model.graph))
+    assert [t.name for t in model.graph.initializer] == ["W.T"]  # one transposed copy, the original gone
+    after = [ort.InferenceSession(model.SerializeToString()).run(None, f)[0] for f in feeds]
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
