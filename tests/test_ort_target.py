@@ -289,10 +289,10 @@ def test_export_cli_rejects_an_unknown_format_in_one_line(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _standins(seed: int = 5, kind: str = "linear"):
+def _standins(seed: int = 5, kind: str = "linear", size: int = 4):
     from skiptool.standins import StandIns
 
-    standins = StandIns(HIDDEN, 4, SKIPPABLE, kind, 160)
+    standins = StandIns(HIDDEN, size, SKIPPABLE, kind, 160)
     g = torch.Generator().manual_seed(seed)
     for p in standins.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.3
@@ -343,6 +343,26 @@ def test_int4_export_quantizes_the_stand_ins_inside_the_branches_too(hf_dir, tmp
     then_ops = [b.op_type for n in graph.graph.node if n.op_type == "If" for a in n.attribute
                 if a.name == "then_branch" for b in a.g.node]
     assert then_ops.count("MatMulNBits") == 3 * len(SKIPPABLE) and "MatMul" not in then_ops  # gate, up, down
+    assert report.manifest.checks["int4"]["verdict"]["ok"]
+
+
+def test_onnx_format_int4_export_quantizes_core_stand_ins_in_the_branches_too(hf_dir, tmp_path):
+    from skiptool.config import ArtifactRef
+    from skiptool.onnx_graph import iter_nodes
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    (tmp_path / "cfg").mkdir()
+    # 160 neurons x 64: at 32 neurons the exporter folded the weights' Transposes itself and the bug did not show
+    _standins(kind="core", size=160).save(tmp_path / "cfg" / "standins.safetensors")
+    thresholds = [None] + [0.5] * len(SKIPPABLE) + [None]  # a cosine policy, like the demo config that showed it
+    config = dense_config(model, cold_start=1, cold_end=1, warmup=WARMUP).with_policy("cosine", thresholds=thresholds,
+                                                                                      greedy_k=1)
+    config.evolve(standin=ArtifactRef("standins.safetensors", rank=160, kind="core")).save(tmp_path / "cfg")
+    report = run_export("onnx", ExportRequest(str(hf_dir), tmp_path / "out", tmp_path / "cfg", quantize="int4"))
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    inside = [n.op_type for n, in_branch in iter_nodes(graph.graph) if in_branch]
+    assert "MatMul" not in inside and "Transpose" not in inside  # the stand-ins' weights folded, then quantized
+    assert inside.count("MatMulNBits") >= 6 * len(SKIPPABLE)  # the FFN's three and the core stand-in's three
     assert report.manifest.checks["int4"]["verdict"]["ok"]
 
 
