@@ -48,9 +48,13 @@ class MomentAccumulator:
         self.sxx += (x.T @ x).double().cpu()
         self.sxy += (x.T @ y).double().cpu()
 
+    def means(self) -> tuple[Tensor, Tensor]:
+        """(mean_x, mean_y)."""
+        return self.sx / self.n, self.sy / self.n
+
     def centred(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(mean_x, mean_y, cov_xx, cov_xy)."""
-        mx, my = self.sx / self.n, self.sy / self.n
+        mx, my = self.means()
         return mx, my, self.sxx / self.n - torch.outer(mx, mx), self.sxy / self.n - torch.outer(mx, my)
 
 
@@ -153,7 +157,7 @@ def fit_core(model: nn.Module, adapter: ArchAdapter, blocks: Tensor, layers: lis
         idx = chosen[i]
         own = getattr(mlps[i], down_name).weight.detach()[:, idx].T.double().cpu()  # the kept neurons' own columns
         down = refit_down(acc[i], own).float()  # [k, hidden]: y - my ≈ (a_k - mx) @ down
-        mx, my = acc[i].sx / acc[i].n, acc[i].sy / acc[i].n
+        mx, my = acc[i].means()
         m = standins.maps[str(i)]
         m.gate.weight.data.copy_(getattr(mlps[i], gate_name).weight.detach()[idx].float().cpu())
         m.up.weight.data.copy_(getattr(mlps[i], up_name).weight.detach()[idx].float().cpu())
