@@ -124,15 +124,21 @@ def test_generate_refuses_more_tokens_than_the_model_has_positions(inputs, tmp_p
             monkeypatch)
 
 
+# an -o folder that cannot be written: every command that writes one refuses it the same way
+BAD_OUTPUT_DIR = [
+    (["-o", ""], "is empty"),
+    (["-o", "{afile}"], "exists and is not a directory"),
+    (["-o", "{afile}/sub"], "is not writable"),
+]
+
+
 # -- calibrate -------------------------------------------------------------------------------------
 CALIBRATE = ["calibrate", "{model}", "-o", "out", "--data", "{words}", "--samples", "2", "--seq-len", "16",
              "--warmup", "4"]
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["-o", ""], "is empty"),
-    (["-o", "{afile}"], "exists and is not a directory"),
-    (["-o", "{afile}/sub"], "is not writable"),
+    *BAD_OUTPUT_DIR,
     (["--target-skip", "0"], "--target-skip"),
     (["--target-skip", "2"], "--target-skip"),
     (["--target-skip", "nan"], "--target-skip"),
@@ -245,9 +251,7 @@ def test_eval_of_an_export_refuses_bad_input_before_any_work(args, fragment, inp
 
 # -- export ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, fragment", [
-    (["-o", ""], "is empty"),
-    (["-o", "{afile}"], "exists and is not a directory"),
-    (["-o", "{afile}/sub"], "is not writable"),
+    *BAD_OUTPUT_DIR,
     (["--format", "foo"], "unknown export format 'foo'"),
     (["--quantize", "int3"], "--quantize must be one of"),
     (["--dtype", "fp64"], "--dtype must be one of"),
