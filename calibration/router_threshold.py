@@ -96,7 +96,7 @@ def logit_capture(routers: Routers | None) -> Iterator[list[Tensor]]:
     if routers is None:
         yield captured
         return
-    handles = [net.register_forward_hook(lambda m, i, o: captured.append(o.detach().squeeze(-1).float().cpu()))
+    handles = [net.register_forward_hook(lambda m, i, o: captured.append(o.detach().float().cpu()))
                for net in routers.nets.values()]
     try:
         yield captured

@@ -2,7 +2,8 @@
 
 Router kinds (:data:`ROUTER_KINDS`, one small module each, registered by name): every kind ends in one
 ``Linear(*, 1)``, its ``head``, over a ``basis(features)``, so the closed-form initial fit
-(:mod:`skiptool.calibration.router_init`) is one ridge regression for every kind.
+(:mod:`skiptool.calibration.router_init`) is one ridge regression for every kind; a kind's ``forward`` returns
+the logit per token through :func:`head_logit`.
 
 - ``linear``: ``Linear(hidden, 1)`` on :func:`router_features` (the basis is the features themselves).
 - ``bottleneck``: ``hidden -> hidden/16 -> 1`` with a SiLU (the basis is ``silu(down(features))``).
@@ -33,9 +34,20 @@ ROUTER_KINDS: Registry[type[nn.Module]] = Registry("router kind")
 
 
 def router_features(attn_delta: Tensor) -> Tensor:
-    """A router's input: the attention delta, RMS-normalised per token (float32)."""
+    """A router's input: the attention delta, RMS-normalised per token (float32).
+
+    Written as ``a / sqrt(mean(a²) + eps)`` on purpose: followed by :func:`head_logit`'s multiplication by the
+    head's weight, ONNX Runtime fuses the exported chain into one ``SimplifiedLayerNormalization`` (an ``rsqrt``
+    form is left as six nodes per layer)."""
     a = attn_delta.float()
-    return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return a / torch.sqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def head_logit(head: nn.Linear, basis: Tensor) -> Tensor:
+    """A router's ``Linear(*, 1)`` head on its basis, ``[..., width] -> [...]``: the same sum as ``head(basis)``,
+    written as a weighted sum so the exported graph is ``Mul, ReduceSum, Add`` with no ``Squeeze`` and the
+    multiplication is the scale ONNX Runtime folds into the normalisation before it."""
+    return (basis * head.weight[0]).sum(-1) + head.bias[0]
 
 
 @ROUTER_KINDS.add("linear")
@@ -55,6 +67,10 @@ class LinearRouter(nn.Linear):
     def basis(self, features: Tensor) -> Tensor:
         """What :attr:`head` reads: the features."""
         return features
+
+    def forward(self, features: Tensor) -> Tensor:
+        """The skip logit per token, ``[...]`` (``Linear.forward`` would keep a last axis of 1)."""
+        return head_logit(self, features)
 
 
 @ROUTER_KINDS.add("bottleneck")
@@ -82,7 +98,8 @@ class BottleneckRouter(nn.Module):
         return F.silu(self.down(features))
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.up(self.basis(features))
+        """The skip logit per token, ``[...]``."""
+        return head_logit(self.up, self.basis(features))
 
 
 class Routers(nn.Module):
@@ -103,7 +120,7 @@ class Routers(nn.Module):
 
     def logit(self, layer: int, attn_delta: Tensor) -> Tensor:
         """Skip logit per token, ``[batch, seq]``."""
-        return self.nets[str(layer)](router_features(attn_delta)).squeeze(-1)
+        return self.nets[str(layer)](router_features(attn_delta))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
