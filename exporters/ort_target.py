@@ -11,8 +11,9 @@ changes only what skipping needs:
 - the ``If`` condition is the policy's own code (:mod:`.ort_policy`), with positions derived from the
   attention mask by the rule every path uses. A batch skips an FFN only when every token's decision says skip;
   otherwise rows whose decision says skip get the substitute (as in the PyTorch runtime).
-- with stand-ins in the config, the branches add the layer's stand-in ``up(down(x))`` (two small MatMuls and
-  an Add, float weights even in an int4 graph) instead of zeros.
+- with stand-ins in the config, the branches add the layer's stand-in (its own small graph, quantized like the
+  rest) instead of zeros; in the compute branch it sits inside an inner ``If`` that runs only when some row
+  skips, so a step that computes every row does not pay for it.
 - ``skip_mask`` (int64 ``[num_layers]``: 1 force skip, -1 force compute, 0 policy) overrides the policy. In
   ``model.onnx`` it is an initializer-backed input, so plain ONNX Runtime callers may omit it.
   onnxruntime-genai ignores values fed to such inputs, so ``model.skip_mask.onnx`` (same weights file)
@@ -101,7 +102,7 @@ def _wrap_ffn(graph: GraphProto, taps: LayerTaps, mlp: list[NodeProto], cond: st
     """Move the layer's MLP nodes into an If: then (all skip) = the substitute, else = the MLP (the substitute
     for rows that skip). The compute branch adds as few nodes as it can to the MLP's (they run at every step):
     the layer's rows ``[batch, seq, 1]`` (an ``Unsqueeze`` of its decision, or with `layer_index` a ``Gather``
-    from the all-layer rows) and one ``Where``."""
+    from the all-layer rows) and one ``Where`` (with a stand-in, behind :func:`_only_if_a_row_skips`)."""
     p = f"/model/layers.{taps.layer}/mlp"
     inner = f"{p}/ffn_output"
     for n in mlp:
@@ -115,14 +116,35 @@ def _wrap_ffn(graph: GraphProto, taps: LayerTaps, mlp: list[NodeProto], cond: st
                                     name=rows)
     compute_sub, compute_value = _substitute_nodes(graph, taps, f"{p}/compute", io_dtype, standin, broadcast=True)
     skip_sub, _ = _substitute_nodes(graph, taps, f"{p}/skip", io_dtype, standin, out=f"{p}/skip_output")
-    compute_nodes = mlp + [row_node] + compute_sub + [
-        helper.make_node("Where", [rows, compute_value, inner], [f"{p}/compute_output"], name=f"{p}/Where")]
-    compute_g = helper.make_graph(compute_nodes, f"{p}/compute", [],
-                                  [helper.make_tensor_value_info(f"{p}/compute_output", io_dtype, None)])
+    out = f"{p}/compute_output"
+    if standin is None:  # zeros: one Where
+        tail = [helper.make_node("Where", [rows, compute_value, inner], [out], name=f"{p}/Where")]
+    else:
+        mixed = compute_sub + [helper.make_node("Where", [rows, compute_value, inner], [f"{p}/mixed_output"],
+                                                name=f"{p}/Where")]
+        tail = _only_if_a_row_skips(p, rows, inner, mixed, out, io_dtype)
+    compute_g = helper.make_graph(mlp + [row_node] + tail, f"{p}/compute", [],
+                                  [helper.make_tensor_value_info(out, io_dtype, None)])
     skip_g = helper.make_graph(skip_sub, f"{p}/skip", [],
                                [helper.make_tensor_value_info(f"{p}/skip_output", io_dtype, None)])
     graph.node.append(helper.make_node("If", [cond], [taps.ffn_out], name=f"{p}/If", then_branch=skip_g,
                                        else_branch=compute_g))
+
+
+def _only_if_a_row_skips(p: str, rows: str, inner: str, mixed: list[NodeProto], out: str,
+                         io_dtype: int) -> list[NodeProto]:
+    """The stand-in for the rows that skip (`mixed`, writing ``{p}/mixed_output``) behind an inner ``If`` on "some
+    row skips": a step whose rows all compute (at batch 1, every step that computes) pays one small ``If``
+    instead of the stand-in's matmuls."""
+    some = f"{p}/some_row_skips"
+    mixed_g = helper.make_graph(mixed, f"{p}/mixed", [],
+                                [helper.make_tensor_value_info(f"{p}/mixed_output", io_dtype, None)])
+    plain_g = helper.make_graph([helper.make_node("Identity", [inner], [f"{p}/plain_output"], name=f"{p}/plain")],
+                                f"{p}/plain", [], [helper.make_tensor_value_info(f"{p}/plain_output", io_dtype, None)])
+    return [helper.make_node("Cast", [rows], [f"{some}/float"], name=f"{some}/float", to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", [f"{some}/float"], [f"{some}/max"], name=f"{some}/max", keepdims=0),
+            helper.make_node("Cast", [f"{some}/max"], [some], name=some, to=TensorProto.BOOL),
+            helper.make_node("If", [some], [out], name=f"{p}/mixed_If", then_branch=mixed_g, else_branch=plain_g)]
 
 
 def _substitute_nodes(graph: GraphProto, taps: LayerTaps, scope: str, io_dtype: int, standin: ModelProto | None,

@@ -310,6 +310,19 @@ def test_ort_graph_with_stand_ins_matches_pytorch_runtime(kind, standin_kind, to
     assert 0.0 < stats["skip_ratio"] < 1.0
 
 
+def test_a_step_whose_rows_all_compute_does_not_evaluate_the_stand_in(dense_fp32):
+    # the compute branch holds the MLP and an inner If on "some row skips"; only that If's then-branch (and the
+    # outer skip branch) hold the stand-in's nodes
+    model = onnx.load(str(dense_fp32), load_external_data=False)
+    ot.add_skipping(model, POLICIES["router"](), standins=_standins(kind="core").by_layer())
+    for node in (n for n in model.graph.node if n.op_type == "If"):
+        compute = next(a.g for a in node.attribute if a.name == "else_branch")
+        assert not [n.name for n in compute.node if "/standin" in n.name]
+        [inner] = [n for n in compute.node if n.op_type == "If"]
+        mixed, plain = (next(a.g for a in inner.attribute if a.name == b) for b in ("then_branch", "else_branch"))
+        assert any("/standin" in n.name for n in mixed.node) and [n.op_type for n in plain.node] == ["Identity"]
+
+
 def _policy_nodes(model) -> Counter:
     """Nodes the policy added to the main graph, by layer (None: shared by all layers)."""
     per_layer: Counter = Counter()
@@ -328,6 +341,22 @@ def test_signal_free_policies_decide_every_layer_at_once(dense_fp32):
     static_nodes, router_nodes = _policy_nodes(static), _policy_nodes(router)
     assert all(static_nodes[str(i)] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
     assert all(router_nodes[str(i)] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
+
+
+def test_router_decision_is_nine_nodes_per_layer_once_onnx_runtime_has_optimised_it(dense_fp32, tmp_path):
+    # the gate's Gather, one fused RMS norm, the head's weighted sum, its bias, the threshold, the gate, the
+    # per-token test and the batch condition (ReduceMin, Greater): the router's own RMS chain must fuse
+    model = onnx.load(str(dense_fp32), load_external_data=False)
+    ot.add_skipping(model, RouterPolicy(LAYERS, SKIPPABLE, WARMUP, _routers(), threshold=0.7))
+    onnx.save(model, str(dense_fp32.parent / "skip.onnx"))
+    opts = ort.SessionOptions()
+    opts.log_severity_level, opts.optimized_model_filepath = 3, str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(dense_fp32.parent / "skip.onnx"), opts, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False)
+    per_layer = _policy_nodes(optimised)
+    fused = Counter(n.name.split("/model/layers.")[1].split("/")[0] for n in optimised.graph.node
+                    if n.op_type == "SimplifiedLayerNormalization" and "/skip_policy" in n.name)
+    assert all(per_layer[str(i)] == 9 and fused[str(i)] == 1 for i in SKIPPABLE), (per_layer, fused)
 
 
 def test_int4_export_quantizes_the_stand_ins_inside_the_branches_too(hf_dir, tmp_path):
@@ -378,7 +407,8 @@ def test_export_ort_copies_stand_ins_beside_the_config(hf_dir, tmp_path):
     report = run_export("ort", ExportRequest(str(hf_dir), tmp_path / "out", tmp_path / "cfg"))
     saved = load_config(tmp_path / "out")
     assert saved.standin == ArtifactRef("standins.safetensors", rank=4)
-    assert (tmp_path / "out" / "standins.safetensors").is_file() and report.details["op_counts"]["If"] == len(SKIPPABLE)
+    assert (tmp_path / "out" / "standins.safetensors").is_file() and report.manifest.if_count == len(SKIPPABLE)
+    assert report.details["op_counts"]["If"] == 2 * len(SKIPPABLE)  # each compute branch's inner If
     assert report.manifest.checks["fp32"]["verdict"]["ok"]  # the stand-ins reached the graph: parity holds
     broken = config.evolve(standin=ArtifactRef("missing.safetensors", rank=4))
     broken.save(tmp_path / "broken")
