@@ -387,6 +387,16 @@ def test_onnx_exports_pair_with_the_dense_export_of_their_precision_and_share_on
     assert backends[0].backend.mask == [-1, -1]
 
 
+def test_two_exports_of_one_runtime_and_precision_name_their_folders_in_the_labels(tmp_path):
+    one = bench.ExportPlan.of(_write_export(tmp_path / "router-a", "skip", _if_graph()), None)
+    two = bench.ExportPlan.of(_write_export(tmp_path / "router-b", "skip", _if_graph()), None)
+    labels = [s.label for s in bench.folder_specs([one, two], [0.0], 1, False, 64, {})]
+    assert len(set(labels)) == len(labels) == 2
+    assert labels[0].endswith("[router-a]") and labels[1].endswith("[router-b]")
+    alone = bench.folder_specs([one], [0.0], 1, False, 64, {})
+    assert "[" not in alone[0].label  # one folder: labels as before
+
+
 def test_a_runtime_that_cannot_run_here_is_one_skipped_row(tmp_path):
     from skiptool.accelerators import tensorrt_unavailable
 
@@ -493,3 +503,6 @@ def test_pareto_front_keeps_only_runs_no_other_run_beats_on_speed_and_quality():
     runs = [{"label": name, "tokens_per_s": tps, "perplexity": ppl}
             for name, tps, ppl in [("a", 10, 20.0), ("b", 20, 25.0), ("c", 15, 30.0), ("d", 30, 40.0), ("e", 20, 26.0)]]
     assert [r["label"] for r in pareto_front(runs)] == ["a", "b", "d"]
+    # a slower run whose perplexity differs only in the float arithmetic (same weights) is beaten, not a new point
+    same_weights = runs + [{"label": "f", "tokens_per_s": 5, "perplexity": 19.999}]
+    assert [r["label"] for r in pareto_front(same_weights)] == ["a", "b", "d"]

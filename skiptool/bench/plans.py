@@ -10,6 +10,7 @@ No runtime, target or peer is named here: folders are opened through the runtime
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -189,6 +190,16 @@ def folder_specs(plans: Sequence[ExportPlan], ratios: Sequence[float], threads: 
                 continue
             specs += _runtime_specs(plan, name, runtime, ratios, threads, spin, max_length, settings,
                                     dense.get((name, plan.precision)))
+    return distinct_labels(specs)
+
+
+def distinct_labels(specs: list[RunSpec]) -> list[RunSpec]:
+    """Export folders of the same runtime and precision give their runs the same labels: those labels get the
+    folder's name, so the table and the JSON tell the runs apart."""
+    counts = Counter(spec.label for spec in specs)
+    for spec in specs:
+        if counts[spec.label] > 1 and "graph" in spec.settings:
+            spec.label += f" [{Path(spec.settings['graph']).name}]"
     return specs
 
 

@@ -140,13 +140,19 @@ def scored_runs(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in report["runs"] if r["tokens_per_s"] and r.get("perplexity") is not None]
 
 
+SAME_PERPLEXITY = 1e-3  # relative: perplexities closer than this differ only by float arithmetic (same weights)
+
+
 def pareto_front(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs no other run beats on both speed (higher tok/s) and quality (lower perplexity), fastest last."""
-    front = [r for r in runs if not any(o is not r and o["tokens_per_s"] >= r["tokens_per_s"]
-                                        and o["perplexity"] <= r["perplexity"]
-                                        and (o["tokens_per_s"], o["perplexity"]) != (r["tokens_per_s"], r["perplexity"])
-                                        for o in runs)]
-    return sorted(front, key=lambda r: r["tokens_per_s"])
+    """The runs no other run beats on both speed (higher tok/s) and quality (lower perplexity, within
+    :data:`SAME_PERPLEXITY`), fastest last."""
+    def beats(o: dict[str, Any], r: dict[str, Any]) -> bool:
+        no_worse = o["perplexity"] <= r["perplexity"] * (1 + SAME_PERPLEXITY)
+        same = o["tokens_per_s"] == r["tokens_per_s"] and abs(o["perplexity"] - r["perplexity"]) <= \
+            SAME_PERPLEXITY * r["perplexity"]
+        return o is not r and o["tokens_per_s"] >= r["tokens_per_s"] and no_worse and not same
+
+    return sorted([r for r in runs if not any(beats(o, r) for o in runs)], key=lambda r: r["tokens_per_s"])
 
 
 def front_figure(report: dict[str, Any]) -> Any:
@@ -164,9 +170,9 @@ def front_figure(report: dict[str, Any]) -> Any:
         if mine:
             ax.scatter([r["tokens_per_s"] for r in mine], [r["perplexity"] for r in mine], color=colour, s=40,
                        zorder=3, label=label)
-    for r in runs:
+    for r, lift in zip(runs, _label_lifts(runs)):
         ax.annotate(_short_label(r), (r["tokens_per_s"], r["perplexity"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+                    xytext=(5, 4 + 9 * lift), fontsize=7)
     front = pareto_front(runs)
     if len(front) > 1:
         ax.plot([r["tokens_per_s"] for r in front], [r["perplexity"] for r in front], color="black", lw=1,
@@ -179,6 +185,18 @@ def front_figure(report: dict[str, Any]) -> Any:
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", frameon=False, fontsize=8)
     return fig
+
+
+def _label_lifts(runs: Sequence[dict[str, Any]], near_x: float = 0.15, near_y: float = 0.06) -> list[int]:
+    """Lines to lift each point's label by so labels of points close together (within `near_x` / `near_y` of
+    the plotted ranges: a label runs to the right of its point) stack instead of overwriting one another."""
+    xs, ys = [r["tokens_per_s"] for r in runs], [r["perplexity"] for r in runs]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    lifts: list[int] = []
+    for i in range(len(runs)):
+        close = [j for j in range(i) if abs(xs[i] - xs[j]) < near_x * dx and abs(ys[i] - ys[j]) < near_y * dy]
+        lifts.append(max((lifts[j] for j in close), default=-1) + 1)
+    return lifts
 
 
 def _run_kind(run: dict[str, Any]) -> str:
