@@ -232,7 +232,7 @@ def drop_initializer_inputs(model: ModelProto, names: Iterable[str] | None = Non
 
 
 # -- exporting ----------------------------------------------------------------------------------------
-EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
 
 
 @contextlib.contextmanager

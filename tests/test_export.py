@@ -453,3 +453,12 @@ def test_weight_transposes_inside_if_branches_become_one_shared_initializer():
     after = [ort.InferenceSession(model.SerializeToString()).run(None, f)[0] for f in feeds]
     for a, b in zip(after, before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_exporting_a_small_module_logs_nothing_even_when_the_root_logger_shows_info(caplog):
+    # a library that calls logging.basicConfig(level=INFO) must not turn an export into pages of pass reports
+    from skiptool.exporters.ort_policy import export_small
+
+    caplog.set_level("INFO")
+    export_small(torch.nn.Linear(4, 2), {"input": torch.randn(2, 3, 4)}, ["y"], opset=18)
+    assert [r.getMessage() for r in caplog.records] == []
