@@ -153,34 +153,38 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
 
     A weight counts for one branch of one top-level ``If`` when every use of it is inside that branch
     (at any depth); a weight used only as a lookup table (:data:`LOOKUP_INPUTS`), or not at all, is excluded.
+    A weight both branches use counts for each branch that reads it whenever it runs: not for a branch that
+    reads it only inside a further ``If`` (the ``ort`` target's stand-in for the rows that skip in a step that
+    computes, which a batch-1 step never runs).
     """
     import onnx
 
-    from .onnx_graph import graphs_by_if
+    from .onnx_graph import graphs_by_branch
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     sizes: dict[str, int] = {}
     uses: dict[str, list[tuple[str, int, tuple[int, str] | None]]] = {}
-    for graph, scope in graphs_by_if(model.graph):
+    for graph, scope, nested in graphs_by_branch(model.graph):
         sizes.update({init.name: tensor_nbytes(init) for init in graph.initializer})
         for node in graph.node:
             if node.op_type == "Constant":
                 sizes.update({node.output[0]: tensor_nbytes(a.t) for a in node.attribute if a.name == "value"})
             for i, name in enumerate(node.input):
                 if name:
-                    uses.setdefault(name, []).append((node.op_type, i, scope))
+                    uses.setdefault(name, []).append((node.op_type, i, scope, nested))
     if_count = sum(1 for node in model.graph.node if node.op_type == "If")
     branch_bytes: dict[tuple[int, str], int] = {}
     outside = excluded = 0
     for name, nbytes in sizes.items():
         where = uses.get(name, [])
-        if all((op, i) in LOOKUP_INPUTS for op, i, _ in where):  # a lookup table, or never used
+        if all((op, i) in LOOKUP_INPUTS for op, i, _, _ in where):  # a lookup table, or never used
             excluded += nbytes
             continue
-        scopes = {scope for _, _, scope in where}
+        scopes = {scope for _, _, scope, _ in where}
         if None not in scopes and (len(scopes) == 1 or (len(scopes) == 2 and len({s[0] for s in scopes}) == 1)):
-            for scope in scopes:  # inside one branch, or used by both branches of one If: read whichever runs
+            always = {scope for _, _, scope, nested in where if not nested}
+            for scope in (always if len(scopes) == 2 and always else scopes):  # read whichever branch runs
                 branch_bytes[scope] = branch_bytes.get(scope, 0) + nbytes  # type: ignore[index]
         else:
             outside += nbytes

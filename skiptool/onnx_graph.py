@@ -1,7 +1,8 @@
 """One ONNX graph toolkit for the exporters, the quantizer, the runtimes and the ideal-bytes counter.
 
 - walking: :func:`subgraphs`, :func:`iter_nodes` (subgraphs included), :func:`graphs_by_if` (each graph with
-  the top-level ``If`` branch it sits in), :func:`count_ops`, :func:`op_counts`;
+  the top-level ``If`` branch it sits in; :func:`graphs_by_branch` also says whether it sits deeper),
+  :func:`count_ops`, :func:`op_counts`;
 - editing: :func:`splice` (copy a small graph into a big one, wiring its inputs and outputs),
   :func:`toposort`, :func:`constant` (one naming scheme: ``{scope}/const/{content hash}`` for small
   constants, so identical ones are stored once and ONNX Runtime can share what depends on them),
@@ -51,7 +52,13 @@ def iter_nodes(graph: GraphProto, in_branches: bool = True) -> Iterator[tuple[No
 def graphs_by_if(graph: GraphProto) -> Iterator[tuple[GraphProto, tuple[int, str] | None]]:
     """`graph` and every subgraph, each with ``(index of the top-level If, branch name)`` it sits in
     (``None`` outside any top-level ``If``). Top-level ``If`` nodes are numbered in graph order."""
-    yield graph, None
+    return ((g, branch) for g, branch, _ in graphs_by_branch(graph))
+
+
+def graphs_by_branch(graph: GraphProto) -> Iterator[tuple[GraphProto, tuple[int, str] | None, bool]]:
+    """:func:`graphs_by_if` with a third item: whether the graph sits below a further node inside its top-level
+    branch (e.g. an inner ``If`` there), so it runs only when a further condition holds."""
+    yield graph, None, False
     index = 0
     for node in graph.node:
         scope = None
@@ -60,14 +67,14 @@ def graphs_by_if(graph: GraphProto) -> Iterator[tuple[GraphProto, tuple[int, str
         for attr in node.attribute:
             branch = (scope, attr.name) if scope is not None else None
             for sub in ([attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)):
-                yield from ((g, branch) for g, _ in _all_graphs(sub))
+                yield from ((g, branch, nested) for g, nested in _all_graphs(sub))
 
 
-def _all_graphs(graph: GraphProto) -> Iterator[tuple[GraphProto, None]]:
-    yield graph, None
+def _all_graphs(graph: GraphProto, nested: bool = False) -> Iterator[tuple[GraphProto, bool]]:
+    yield graph, nested
     for node in graph.node:
         for sub in subgraphs(node):
-            yield from _all_graphs(sub)
+            yield from _all_graphs(sub, True)
 
 
 def count_ops(model: ModelProto, op_type: str, in_branches_only: bool = False) -> int:

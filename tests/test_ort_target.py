@@ -323,6 +323,19 @@ def test_a_step_whose_rows_all_compute_does_not_evaluate_the_stand_in(dense_fp32
         assert any("/standin" in n.name for n in mixed.node) and [n.op_type for n in plain.node] == ["Identity"]
 
 
+def test_a_computing_branch_does_not_count_the_stand_in_it_reads_only_for_rows_that_skip(dense_fp32):
+    from skiptool.ideal import onnx_graph_bytes
+
+    plain, with_standins = (onnx.load(str(dense_fp32), load_external_data=False) for _ in range(2))
+    standins = _standins(kind="core").by_layer()
+    ot.add_skipping(plain, POLICIES["router"]())
+    ot.add_skipping(with_standins, POLICIES["router"](), standins=standins)
+    zeros, substituted = onnx_graph_bytes(plain), onnx_graph_bytes(with_standins)
+    standin_bytes = [sum(t.numel() * 4 for t in standins[i].parameters()) for i in SKIPPABLE]
+    assert substituted.heavy == zeros.heavy  # computing reads the FFN, not the stand-in as well
+    assert substituted.light == standin_bytes and zeros.light == [0] * len(SKIPPABLE)
+
+
 def _policy_nodes(model) -> Counter:
     """Nodes the policy added to the main graph, by layer (None: shared by all layers)."""
     per_layer: Counter = Counter()
