@@ -32,7 +32,9 @@ import onnx
 import onnxruntime as ort
 
 from skiptool.contract import MODEL_FILE, SKIP_MASK
+from skiptool.fileio import write_json_atomic
 from skiptool.onnx_graph import iter_nodes
+from skiptool.ort import session_options
 
 PROMPT = 32
 COMPUTE_EXTRA = ("/mlp/compute/", "/mlp/Where", "/mlp/skip_rows")  # what an If's compute branch adds to the MLP
@@ -55,9 +57,7 @@ class Decoder:
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
                                               config["head_size"])
-        opts = ort.SessionOptions()
-        opts.log_severity_level, opts.intra_op_num_threads = 3, threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        opts = session_options(threads, spin)  # the options every skiptool ONNX Runtime session uses
         opts.enable_profiling, opts.profile_file_prefix = profile, str(scratch / "profile")
         self.optimised = Path(tempfile.mkdtemp(dir=scratch)) / "optimised.onnx"
         opts.optimized_model_filepath = str(self.optimised)
@@ -118,12 +118,29 @@ def main() -> int:
     parser.add_argument("--spin", choices=("on", "off"), default="off", help="ONNX Runtime intra-op spinning")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    problem = bad_input(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory() as scratch:
         rows = measure([args.baseline, *args.exports], Path(scratch), args)
     print_rows(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json_atomic(args.json, rows)
     return 0
+
+
+def bad_input(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, in one line (None: nothing)."""
+    for name in ("steps", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1 (got {getattr(args, name)})"
+    for folder in [args.baseline, *args.exports]:
+        if not (folder / "genai_config.json").is_file() or not (folder / MODEL_FILE).is_file():
+            return f"{folder}: not an onnxruntime-genai graph folder (needs genai_config.json and {MODEL_FILE})"
+    if args.json is not None and not args.json.parent.is_dir():
+        return f"--json {args.json}: the folder {args.json.parent} does not exist"
+    return None
 
 
 def measure(folders: list[Path], scratch: Path, args: argparse.Namespace) -> list[dict]:

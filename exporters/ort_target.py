@@ -117,12 +117,10 @@ def _wrap_ffn(graph: GraphProto, taps: LayerTaps, mlp: list[NodeProto], cond: st
     compute_sub, compute_value = _substitute_nodes(graph, taps, f"{p}/compute", io_dtype, standin, broadcast=True)
     skip_sub, _ = _substitute_nodes(graph, taps, f"{p}/skip", io_dtype, standin, out=f"{p}/skip_output")
     out = f"{p}/compute_output"
-    if standin is None:  # zeros: one Where
-        tail = [helper.make_node("Where", [rows, compute_value, inner], [out], name=f"{p}/Where")]
-    else:
-        mixed = compute_sub + [helper.make_node("Where", [rows, compute_value, inner], [f"{p}/mixed_output"],
-                                                name=f"{p}/Where")]
-        tail = _only_if_a_row_skips(p, rows, inner, mixed, out, io_dtype)
+    where = helper.make_node("Where", [rows, compute_value, inner], [out if standin is None else f"{p}/mixed_output"],
+                             name=f"{p}/Where")
+    # zeros: one Where; a stand-in: its nodes and the Where behind an inner If
+    tail = [where] if standin is None else _only_if_a_row_skips(p, rows, inner, compute_sub + [where], out, io_dtype)
     compute_g = helper.make_graph(mlp + [row_node] + tail, f"{p}/compute", [],
                                   [helper.make_tensor_value_info(out, io_dtype, None)])
     skip_g = helper.make_graph(skip_sub, f"{p}/skip", [],

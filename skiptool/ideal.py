@@ -164,7 +164,7 @@ def onnx_graph_bytes(model: Any) -> GraphBytes:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     sizes: dict[str, int] = {}
-    uses: dict[str, list[tuple[str, int, tuple[int, str] | None]]] = {}
+    uses: dict[str, list[tuple[str, int, tuple[int, str] | None, bool]]] = {}  # (op, input index, branch, deeper)
     for graph, scope, nested in graphs_by_branch(model.graph):
         sizes.update({init.name: tensor_nbytes(init) for init in graph.initializer})
         for node in graph.node:
