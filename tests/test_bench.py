@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from skiptool import bench
 from skiptool.backends import peers
-from skiptool.bench import (GraphBytes, IdealBasis, Measurement, RunResult, RunSpec, forced_layers, forced_mask,
+from skiptool.bench import (IdealBasis, Measurement, RunResult, RunSpec, forced_layers, forced_mask,
                             fraction_of_ideal, measure, onnx_graph_bytes, onnx_precision, percentile, summarise)
 
 

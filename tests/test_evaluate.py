@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_error
 import torch
 from typer.testing import CliRunner
 
-from skiptool.adapters import adapter_for
 from skiptool.cli import app
 from skiptool.config import ModelIdentity, SkipConfig, dense_config
 from skiptool.data import DataSpec, token_blocks
@@ -19,6 +18,7 @@ from skiptool.evaluate import (SweepContext, evaluate, parse_targets, perplexity
 from skiptool.errors import SkipToolError
 from skiptool.policies import StaticMask
 
+from conftest import one_line_error
 from test_calibration import word_text
 
 runner = CliRunner()
