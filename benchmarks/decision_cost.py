@@ -6,7 +6,8 @@ For each folder (and the ``--baseline``, e.g. onnxruntime-genai's own dense grap
 
 - nodes per skippable layer that the policy added, in the saved graph and after ONNX Runtime's optimiser (which
   fuses, e.g., the router's RMS norm into one ``SimplifiedLayerNormalization``);
-- a plain ONNX Runtime KV-cache decode (batch 1, 32-token prompt, ``--steps`` steps, nothing skipped: the
+- a KV-cache decode in skiptool's own ONNX Runtime session (:class:`skiptool.ort.GraphSession`: IOBinding, the
+  session options every skiptool run uses; batch 1, 32-token prompt, ``--steps`` steps, nothing skipped: the
   ``skip_mask`` override computes every FFN, so the decisions are computed and ignored), timed without profiling
   (median step, interleaved over the folders) and once with ONNX Runtime's profiler, which attributes kernel time
   per node: the policy's nodes, each ``If``'s own overhead (its time minus its branch's nodes), and what the
@@ -29,57 +30,39 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from skiptool.contract import MODEL_FILE, SKIP_MASK
+from skiptool.contract import MODEL_FILE, GraphIO
+from skiptool.exporters.ort_policy import policy_nodes_by_layer
 from skiptool.fileio import write_json_atomic
 from skiptool.onnx_graph import iter_nodes
-from skiptool.ort import session_options
+from skiptool.ort import Diagnostics, GraphSession, KvCursor
 
 PROMPT = 32
 COMPUTE_EXTRA = ("/mlp/compute/", "/mlp/Where", "/mlp/skip_rows")  # what an If's compute branch adds to the MLP
 
 
-def policy_layer_nodes(model: onnx.ModelProto) -> dict[str, int]:
-    """Nodes named ``.../layers.N/skip_policy/...`` by layer N."""
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if "/skip_policy" in node.name and "/model/layers." in node.name:
-            layer = node.name.split("/model/layers.")[1].split("/")[0]
-            counts[layer] = counts.get(layer, 0) + 1
-    return counts
-
-
 class Decoder:
-    """One folder's graph in a plain ONNX Runtime session, fed its own KV cache."""
+    """One folder's graph in a skiptool ONNX Runtime session (CPU), fed its own KV cache."""
 
     def __init__(self, folder: Path, scratch: Path, threads: int, profile: bool = False, spin: bool = False) -> None:
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.layers, self.heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
-                                              config["head_size"])
-        opts = session_options(threads, spin)  # the options every skiptool ONNX Runtime session uses
-        opts.enable_profiling, opts.profile_file_prefix = profile, str(scratch / "profile")
+        io = GraphIO(config["num_hidden_layers"])
         self.optimised = Path(tempfile.mkdtemp(dir=scratch)) / "optimised.onnx"
-        opts.optimized_model_filepath = str(self.optimised)
-        self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-        overridable = [i.name for i in self.session.get_overridable_initializers()]
-        self.extra = {SKIP_MASK: np.full(self.layers, -1, np.int64)} if SKIP_MASK in overridable else {}
+        diagnostics = Diagnostics(scratch / "profile" if profile else None, self.optimised)
+        self.graph = GraphSession(folder / MODEL_FILE, io, config["num_key_value_heads"], config["head_size"],
+                                  providers=["CPUExecutionProvider"], threads=threads, spin=spin,
+                                  diagnostics=diagnostics)
+        self.compute_all = np.full(io.num_layers, -1, np.int64)  # the skip_mask override: every FFN computes
 
     def decode(self, steps: int) -> list[float]:
         """Seconds per decode step (prefill excluded)."""
-        past = {f"past_key_values.{i}.{k}": np.zeros((1, self.heads, 0, self.head), np.float32)
-                for i in range(self.layers) for k in ("key", "value")}
-        ids, total, times = np.arange(10, 10 + PROMPT, dtype=np.int64)[None], 0, []
-        names = [o.name for o in self.session.get_outputs()]
-        for step in range(steps + 1):
-            total += ids.shape[1]
+        cursor, times = KvCursor(self.graph), []
+        out = cursor(np.arange(10, 10 + PROMPT, dtype=np.int64)[None], self.compute_all)
+        for _ in range(steps):
+            ids = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
-            out = dict(zip(names, self.session.run(None, {"input_ids": ids, "attention_mask": np.ones((1, total),
-                                                          np.int64), **past, **self.extra})))
-            if step:
-                times.append(time.perf_counter() - start)
-            past = {k: out[k.replace("past_key_values", "present")] for k in past}
-            ids = out["logits"][:, -1:].argmax(-1)
+            out = cursor(ids, self.compute_all)
+            times.append(time.perf_counter() - start)
         return times
 
 
@@ -87,7 +70,7 @@ def profiled_split(folder: Path, scratch: Path, threads: int, steps: int, spin: 
     """µs per decode step in the policy's nodes and in the ``If`` nodes' own overhead (profiler, kernel time)."""
     dec = Decoder(folder, scratch, threads, profile=True, spin=spin)
     dec.decode(steps)
-    events = json.loads(Path(dec.session.end_profiling()).read_text())
+    events = json.loads(Path(dec.graph.session.end_profiling()).read_text())
     model = onnx.load(str(dec.optimised), load_external_data=False)
     top = {n.name: n.op_type for n in model.graph.node}
     branch = {n.name for n, in_branch in iter_nodes(model.graph) if in_branch}
@@ -153,8 +136,8 @@ def measure(folders: list[Path], scratch: Path, args: argparse.Namespace) -> lis
             medians[i].append(statistics.median(dec.decode(args.steps)))
     rows = []
     for folder, dec, m in zip(folders, decoders, medians):
-        saved = policy_layer_nodes(onnx.load(str(folder / MODEL_FILE), load_external_data=False))
-        optimised = policy_layer_nodes(onnx.load(str(dec.optimised), load_external_data=False))
+        saved = per_layer(onnx.load(str(folder / MODEL_FILE), load_external_data=False))
+        optimised = per_layer(onnx.load(str(dec.optimised), load_external_data=False))
         step = statistics.median(m[1:]) * 1e6
         rows.append({"folder": str(folder), "step_us": step, "nodes_per_layer_saved": max(saved.values(), default=0),
                      "nodes_per_layer_optimised": max(optimised.values(), default=0),
@@ -162,6 +145,11 @@ def measure(folders: list[Path], scratch: Path, args: argparse.Namespace) -> lis
     for r in rows:
         r["vs_baseline"] = r["step_us"] / rows[0]["step_us"]
     return rows
+
+
+def per_layer(model: onnx.ModelProto) -> dict[int, int]:
+    """The policy's nodes by skippable layer (its shared nodes left out)."""
+    return {layer: n for layer, n in policy_nodes_by_layer(model).items() if layer is not None}
 
 
 def print_rows(rows: list[dict]) -> None:

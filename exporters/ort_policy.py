@@ -15,6 +15,8 @@ the signals the fused graph has and spliced in (:func:`skiptool.onnx_graph.splic
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,21 @@ from skiptool.onnx_graph import constant, quiet_exporter, splice
 from skiptool.policies import LayerSignals, SkipPolicy, positions_from_mask
 
 SCOPE = "/model/skip_policy"  # node names of the policy's shared nodes, and the scope of shared constants
+LAYER_SCOPE = "/model/layers.%d/skip_policy"  # node names of one layer's decision
+_LAYER_NODE = re.compile(r"/model/layers\.(\d+)/skip_policy/")
+
+
+def policy_nodes_by_layer(model: ModelProto) -> Counter[int | None]:
+    """Nodes of the main graph that the policy added, by layer (None: shared by every layer). Works on a graph
+    ONNX Runtime has optimised too: its fused nodes keep the name of a node they replace."""
+    counts: Counter[int | None] = Counter()
+    for node in model.graph.node:
+        layer = _LAYER_NODE.search(node.name)
+        if layer is not None:
+            counts[int(layer.group(1))] += 1
+        elif SCOPE + "/" in node.name:
+            counts[None] += 1
+    return counts
 
 
 @dataclass(frozen=True)
@@ -198,7 +215,7 @@ class PolicyNodes:
         """A skippable layer's ``(condition [], decision, layer index)``: the decision is the layer's own
         ``[batch, seq]`` (index None), or for a signal-free policy the all-layer rows ``[layers, batch, seq, 1]``
         that the layer's compute branch indexes with the scalar int64 value `index`."""
-        pre = f"/model/layers.{t.layer}/skip_policy"
+        pre = LAYER_SCOPE % t.layer
         if self.all_layers is not None:
             index = f"{pre}/index"
             self.graph.initializer.append(helper.make_tensor(index, TensorProto.INT64, [], [t.layer]))
@@ -222,7 +239,7 @@ class PolicyNodes:
         """After layer `t.layer`'s FFN block: the new state (stateful policies only)."""
         if self.state is None:
             return
-        pre = f"/model/layers.{t.layer}/skip_policy"
+        pre = LAYER_SCOPE % t.layer
         args: dict[str, Tensor] = dict(h_mid=torch.randn_like(self.h), delta=torch.randn_like(self.h),
                                        state=self.policy.init_state(self.h))
         names = dict(h_mid=t.h_mid, delta=t.ffn_out, state=self.state)

@@ -155,23 +155,20 @@ def torch_trace(model: nn.Module, runtime: SkipRuntime, prompt: Sequence[int], s
 def ort_trace(graph: Path, manifest: ExportManifest, prompt: Sequence[int], tokens: Sequence[int],
               skip_mask: Sequence[int] | None = None) -> Trace:
     """The same sequence through ONNX Runtime (CPU), fed `tokens` one at a time after the prompt."""
-    from skiptool.ort import GraphSession
+    from skiptool.ort import GraphSession, KvCursor
 
-    session = GraphSession(graph, manifest.io, manifest.num_key_value_heads, manifest.head_dim,
-                           providers=["CPUExecutionProvider"])
+    cursor = KvCursor(GraphSession(graph, manifest.io, manifest.num_key_value_heads, manifest.head_dim,
+                                   providers=["CPUExecutionProvider"]))
     mask = None if skip_mask is None else np.asarray(skip_mask, dtype=np.int64)
-    past, length, trace = session.empty_past(1), 0, Trace(tokens=list(tokens))
-    chunk = list(prompt)
+    trace, chunk = Trace(tokens=list(tokens)), list(prompt)
     for token in tokens:
-        ids = np.asarray([chunk], dtype=np.int64)
-        positions = np.arange(length, length + len(chunk), dtype=np.int64)[None]
-        out = session.run(ids, np.ones((1, length + len(chunk)), dtype=np.int64), positions, past, mask)
+        out = cursor(np.asarray([chunk], dtype=np.int64), mask)
         if out.decisions is None:
             raise SkipToolError(f"{graph} has no skip_decisions output: it cannot be checked")
         trace.logits.append(out.logits[0].astype(np.float32))
         trace.decisions.append(out.decisions[:, 0, :].astype(bool))
-        past, length, chunk = out.presents, length + len(chunk), [int(token)]
-    trace.presents = [p.numpy().astype(np.float32) for p in past]
+        chunk = [int(token)]
+    trace.presents = [p.numpy().astype(np.float32) for p in cursor.past]
     return trace
 
 

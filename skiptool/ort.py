@@ -117,10 +117,28 @@ def _external_length(tensor: Any) -> int:
     return int(entries.get("length", 1 << 62))
 
 
-def load_session(path: Path, placement: Placement, threads: int | None = None, spin: bool | None = None) -> Any:
+@dataclass(frozen=True)
+class Diagnostics:
+    """What a session may write for a benchmark to read: ONNX Runtime's profile (per-node kernel times) under
+    the prefix `profile`, the graph after its optimiser at `optimised`."""
+
+    profile: Path | None = None
+    optimised: Path | None = None
+
+    def apply(self, opts: Any) -> None:
+        if self.profile is not None:
+            opts.enable_profiling, opts.profile_file_prefix = True, str(self.profile)
+        if self.optimised is not None:
+            opts.optimized_model_filepath = str(self.optimised)
+
+
+def load_session(path: Path, placement: Placement, threads: int | None = None, spin: bool | None = None,
+                 diagnostics: Diagnostics | None = None) -> Any:
     """An ``InferenceSession`` over :func:`bindable_graph` of `path` (one clear error line if it cannot load)."""
     ort = onnxruntime()
     opts = session_options(threads, spin)
+    if diagnostics is not None:
+        diagnostics.apply(opts)
     try:
         return ort.InferenceSession(bindable_graph(path, opts), opts, providers=list(placement.providers))
     except Exception as exc:  # noqa: BLE001 - a broken or missing graph is the user's input
@@ -142,10 +160,10 @@ class GraphSession:
 
     def __init__(self, path: str | Path, io: GraphIO, kv_heads: int, head_dim: int,
                  providers: Sequence[str] | None = None, threads: int | None = None,
-                 spin: bool | None = None) -> None:
+                 spin: bool | None = None, diagnostics: Diagnostics | None = None) -> None:
         self.path, self.io = Path(path), io
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        self.session = load_session(self.path, plan_placement(providers), threads, spin)
+        self.session = load_session(self.path, plan_placement(providers), threads, spin, diagnostics)
         self.placement = plan_placement(self.session.get_providers())  # ORT falls back to CPU without a GPU
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = NUMPY_TYPES.get(types.get(io.past_names()[0], ""), np.float32)
@@ -188,3 +206,20 @@ class GraphSession:
         presents = list(out[1:1 + len(self.io.present_names())])
         decisions = out[-1].numpy() if self.has_decisions else None
         return StepOutput(out[0].numpy(), decisions, presents)
+
+
+class KvCursor:
+    """A growing sequence in one :class:`GraphSession`: each call appends `ids` ``[batch, n]`` (every row the same
+    length, no padding) after what came before, feeding the graph its own ``present.*`` as the next call's
+    ``past_key_values.*``. `skip_mask` as in :meth:`GraphSession.run`."""
+
+    def __init__(self, graph: GraphSession, batch: int = 1) -> None:
+        self.graph, self.past, self.length = graph, graph.empty_past(batch), 0
+
+    def __call__(self, ids: np.ndarray, skip_mask: np.ndarray | None = None) -> StepOutput:
+        ids = np.asarray(ids, dtype=np.int64)
+        batch, n = ids.shape
+        positions = np.broadcast_to(np.arange(self.length, self.length + n, dtype=np.int64), (batch, n))
+        out = self.graph.run(ids, np.ones((batch, self.length + n), dtype=np.int64), positions, self.past, skip_mask)
+        self.past, self.length = out.presents, self.length + n
+        return out

@@ -180,7 +180,7 @@ def test_cuda_execution_provider_keeps_the_cache_on_the_gpu_and_matches_the_cpu(
     for token in range(8):
         np.testing.assert_allclose(gpu.step(token), cpu.step(token), atol=1e-4)
         np.testing.assert_array_equal(gpu.last_decisions, cpu.last_decisions)
-    assert gpu._past[0].device_name().lower() == "cuda"
+    assert gpu.cursor.past[0].device_name().lower() == "cuda"
     assert gpu.skip_ratio() == pytest.approx(cpu.skip_ratio()) and gpu.per_layer_skip()[1] == 1.0
 
 

@@ -22,12 +22,14 @@ import onnxruntime as ort  # noqa: E402
 
 from skiptool.adapters import adapter_for, cache_kwargs  # noqa: E402
 from skiptool.config import dense_config  # noqa: E402
-from skiptool.contract import MODEL_FILE, OVERRIDE_MODEL_FILE, SKIP_DECISIONS, SKIP_MASK, read_manifest  # noqa: E402
+from skiptool.contract import MODEL_FILE, OVERRIDE_MODEL_FILE, SKIP_MASK, GraphIO, read_manifest  # noqa: E402
 from skiptool.errors import SkipToolError  # noqa: E402
 from skiptool.exporters import ExportRequest, run_export  # noqa: E402
 from skiptool.exporters import ort_target as ot  # noqa: E402
+from skiptool.exporters.ort_policy import policy_nodes_by_layer  # noqa: E402
 from skiptool.genai_builder import copy_genai_model  # noqa: E402
 from skiptool.onnx_graph import drop_initializer_inputs  # noqa: E402
+from skiptool.ort import GraphSession, KvCursor, StepOutput  # noqa: E402
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask  # noqa: E402
 from skiptool.runtime import skipping  # noqa: E402
 
@@ -85,24 +87,15 @@ def _skip_graph(dense: Path, policy: SkipPolicy, folder: Path, standins: dict | 
 
 
 class _OrtDecoder:
-    """A plain ONNX Runtime KV-cache loop over the genai graph (past grows by one each step)."""
+    """A KV-cache loop over the genai graph on the CPU (past grows by one each step)."""
 
     def __init__(self, path: Path, batch: int, skip_mask: list[int] | None = None) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.past = {f"past_key_values.{i}.{kind}": np.zeros((batch, 2, 0, HIDDEN // 4), np.float32)
-                     for i in range(LAYERS) for kind in ("key", "value")}
-        self.mask = np.zeros((batch, 0), np.int64)
-        self.extra = {} if skip_mask is None else {SKIP_MASK: np.asarray(skip_mask, np.int64)}
+        graph = GraphSession(path, GraphIO(LAYERS), 2, HIDDEN // 4, providers=["CPUExecutionProvider"])
+        self.cursor = KvCursor(graph, batch)
+        self.skip_mask = None if skip_mask is None else np.asarray(skip_mask, np.int64)
 
-    def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        self.mask = np.concatenate([self.mask, np.ones(ids.shape, np.int64)], axis=1)
-        out = dict(zip(self.names, self.session.run(None, {"input_ids": ids, "attention_mask": self.mask,
-                                                            **self.past, **self.extra})))
-        self.past = {k: out[k.replace("past_key_values", "present")] for k in self.past}
-        return out
+    def __call__(self, ids: np.ndarray) -> StepOutput:
+        return self.cursor(ids, self.skip_mask)
 
 
 def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, skip_mask=None,
@@ -119,9 +112,9 @@ def _compare(torch_model, policy: SkipPolicy, graph: Path, ids: torch.Tensor, sk
             with rt.recording() as decisions:
                 out = torch_model(step_ids, position_ids=pos, use_cache=True, **cache_kwargs(torch_model, cache))
             got = ort_run(step_ids.numpy())
-            worst = max(worst, float(np.abs(got["logits"] - out.logits.numpy()).max()))
+            worst = max(worst, float(np.abs(got.logits - out.logits.numpy()).max()))
             for layer in SKIPPABLE:
-                np.testing.assert_array_equal(got[SKIP_DECISIONS][layer], decisions[layer].numpy(),
+                np.testing.assert_array_equal(got.decisions[layer], decisions[layer].numpy(),
                                               err_msg=f"layer {layer} decisions at position {start}")
                 seen.append(decisions[layer].numpy())
             start += step_ids.shape[1]
@@ -155,7 +148,7 @@ def test_all_compute_override_gives_the_dense_genai_graph(dense_fp32):
     dense = _OrtDecoder(dense_fp32, 1)
     skip = _OrtDecoder(dense_fp32.parent / "skip.onnx", 1, [-1] * LAYERS)
     for _ in range(8):
-        a, b = dense(ids)["logits"], skip(ids)["logits"]
+        a, b = dense(ids).logits, skip(ids).logits
         np.testing.assert_array_equal(a, b)
         ids = a[:, -1:].argmax(-1)
 
@@ -336,24 +329,14 @@ def test_a_computing_branch_does_not_count_the_stand_in_it_reads_only_for_rows_t
     assert substituted.light == standin_bytes and zeros.light == [0] * len(SKIPPABLE)
 
 
-def _policy_nodes(model) -> Counter:
-    """Nodes the policy added to the main graph, by layer (None: shared by all layers)."""
-    per_layer: Counter = Counter()
-    for node in model.graph.node:
-        if "/skip_policy" in node.name:
-            layer = node.name.split("/model/layers.")[1].split("/")[0] if "/model/layers." in node.name else None
-            per_layer[layer] += 1
-    return per_layer
-
-
 def test_signal_free_policies_decide_every_layer_at_once(dense_fp32):
     static = onnx.load(str(dense_fp32), load_external_data=False)
     assert ot.add_skipping(static, POLICIES["static"]()).signal_free
     router = onnx.load(str(dense_fp32), load_external_data=False)
     assert not ot.add_skipping(router, POLICIES["router"]()).signal_free
-    static_nodes, router_nodes = _policy_nodes(static), _policy_nodes(router)
-    assert all(static_nodes[str(i)] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
-    assert all(router_nodes[str(i)] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
+    static_nodes, router_nodes = policy_nodes_by_layer(static), policy_nodes_by_layer(router)
+    assert all(static_nodes[i] == 1 for i in SKIPPABLE)  # one Gather of the all-layer condition
+    assert all(router_nodes[i] > 3 for i in SKIPPABLE)  # the router reads each layer's attention delta
 
 
 def test_router_decision_is_nine_nodes_per_layer_once_onnx_runtime_has_optimised_it(dense_fp32, tmp_path):
@@ -366,10 +349,10 @@ def test_router_decision_is_nine_nodes_per_layer_once_onnx_runtime_has_optimised
     opts.log_severity_level, opts.optimized_model_filepath = 3, str(tmp_path / "optimised.onnx")
     ort.InferenceSession(str(dense_fp32.parent / "skip.onnx"), opts, providers=["CPUExecutionProvider"])
     optimised = onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False)
-    per_layer = _policy_nodes(optimised)
-    fused = Counter(n.name.split("/model/layers.")[1].split("/")[0] for n in optimised.graph.node
+    per_layer = policy_nodes_by_layer(optimised)
+    fused = Counter(int(n.name.split("/model/layers.")[1].split("/")[0]) for n in optimised.graph.node
                     if n.op_type == "SimplifiedLayerNormalization" and "/skip_policy" in n.name)
-    assert all(per_layer[str(i)] == 9 and fused[str(i)] == 1 for i in SKIPPABLE), (per_layer, fused)
+    assert all(per_layer[i] == 9 and fused[i] == 1 for i in SKIPPABLE), (per_layer, fused)
 
 
 def test_int4_export_quantizes_the_stand_ins_inside_the_branches_too(hf_dir, tmp_path):

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..contract import ExportManifest, read_manifest
-from ..ort import GraphSession, plan_placement
+from ..ort import GraphSession, KvCursor, plan_placement
 from .registry import RUNTIMES, RunOptions, Runtime
 from .base import DecisionCounter, parse_skip_mask
 
@@ -49,8 +49,7 @@ class OrtBackend:
 
     # -- DecodeBackend ---------------------------------------------------------------------------
     def reset(self) -> None:
-        self._past = self.graph.empty_past(1)
-        self.length = 0
+        self.cursor = KvCursor(self.graph)
         self.last_decisions: np.ndarray | None = None
         self.counter = DecisionCounter(self.io.num_layers)
 
@@ -69,15 +68,15 @@ class OrtBackend:
         """Per layer, the share of counted tokens whose FFN was skipped (cold layers 0)."""
         return self.counter.per_layer()
 
+    @property
+    def length(self) -> int:
+        """Tokens in the cached sequence."""
+        return self.cursor.length
+
     # -- the decode loop -------------------------------------------------------------------------
     def forward(self, token_ids: Sequence[int], count: bool = True) -> np.ndarray:
         """Append tokens to the cached sequence; return their logits ``[len(token_ids), vocab]`` (float32)."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        positions = np.arange(self.length, self.length + n, dtype=np.int64)[None]
-        out = self.graph.run(ids, np.ones((1, self.length + n), dtype=np.int64), positions, self._past,
-                             self.skip_mask)
-        self._past, self.length = out.presents, self.length + n
+        out = self.cursor(np.asarray(token_ids, dtype=np.int64).reshape(1, -1), self.skip_mask)
         if out.decisions is not None:
             self.last_decisions = out.decisions[:, 0, :]  # [num_layers, n]
             if count:
@@ -86,7 +85,8 @@ class OrtBackend:
 
     def present(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The cached key and value of `layer` (``[1, kv_heads, length, head_dim]``)."""
-        return self._past[2 * layer].numpy(), self._past[2 * layer + 1].numpy()
+        past = self.cursor.past
+        return past[2 * layer].numpy(), past[2 * layer + 1].numpy()
 
     # -- whole blocks (evaluation) ---------------------------------------------------------------
     def block_logits(self, token_ids: np.ndarray) -> np.ndarray:
