@@ -49,10 +49,9 @@ from skiptool.ideal import fraction_of_ideal
 from skiptool.models import load_model
 from skiptool.policies import RouterPolicy, Routers, SkipPolicy
 from skiptool.runtime import policy_and_substitutes
-from skiptool.standins import StandIns
+from skiptool.standins import StandIns, StandInSpec
 
 ROUTER_TARGET = 0.25
-STANDIN_RANK = 16
 
 
 @dataclass(frozen=True)
@@ -63,14 +62,15 @@ class Variant:
     mode: str  # dense / device / host
     policy: str  # dense / forced / router
     ratio: float | None = None  # forced share of all FFNs, or the router's target
-    standin_rank: int = 0
+    standin: str | None = None  # stand-ins with random weights, as --stand-in takes them (KIND:SIZE)
     graph: bool = True
 
 
 VARIANTS = (
     Variant("dense", "dense", "dense"),
     *(Variant(f"device forced {r:.0%}", "device", "forced", r) for r in (0.0, 0.10, 0.25, 0.50)),
-    Variant(f"device forced 25% +stand-in r{STANDIN_RANK}", "device", "forced", 0.25, STANDIN_RANK),
+    Variant("device forced 25% +stand-in linear:16", "device", "forced", 0.25, "linear:16"),
+    Variant("device forced 25% +stand-in core:auto", "device", "forced", 0.25, "core:auto"),
     Variant("device router ~25%", "device", "router", ROUTER_TARGET),
     Variant("host forced 0%", "host", "forced", 0.0),
     Variant("host forced 25%", "host", "forced", 0.25),
@@ -141,19 +141,22 @@ def random_router_policy(num_layers: int, skippable: list[int], hidden: int, tar
     return RouterPolicy(num_layers, skippable, warmup=0, routers=routers, threshold=0.5)
 
 
-def random_standins(model: torch.nn.Module, layers: list[int], rank: int) -> dict[int, torch.nn.Module]:
-    """Rank-`rank` linear stand-ins with random weights (their values do not change the speed)."""
-    standins = StandIns(model.config.hidden_size, rank, layers).by_layer()
+def random_standins(model: torch.nn.Module, layers: list[int], spec: str) -> dict[int, torch.nn.Module]:
+    """Stand-ins of `spec` (``KIND:SIZE``) with random weights (their values do not change the speed)."""
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    sized = StandInSpec.parse(spec).sized(hidden, intermediate)
+    standins = StandIns(hidden, sized.size, layers, sized.kind, intermediate).by_layer()
     for standin in standins.values():
-        torch.nn.init.normal_(standin.up.weight, std=0.02)
+        for weight in standin.parameters():
+            torch.nn.init.normal_(weight, std=0.02)
     return standins
 
 
 def build_engine(model: torch.nn.Module, variant: Variant, batch: int, settings: Settings) -> DecodeEngine:
     """The variant's decode engine, its cache sized to the prompt plus the longest decode."""
     policy, override = make_policy(model, variant)
-    substitutes = (random_standins(model, policy.skippable_layers, variant.standin_rank)
-                   if variant.standin_rank else None)
+    substitutes = (random_standins(model, policy.skippable_layers, variant.standin)
+                   if variant.standin else None)
     return DecodeEngine(model, adapter_for(model), policy, batch_size=batch, mode=variant.mode,
                         substitutes=substitutes, override=override,
                         max_len=settings.prompt_len + max(settings.steps, settings.warmup_steps) + 1)

@@ -27,13 +27,14 @@ from skiptool.config import ArtifactRef, ModelIdentity, SkipConfig, dense_config
 from skiptool.errors import ConfigError, MissingDependencyError, ModelLoadError, SkipToolError
 from skiptool.generate import decode, decode_backend
 from skiptool.gpu import DecodeEngine, EngineBackend
-from skiptool.gpu.kernels import gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn
-from skiptool.gpu.weights import FFNWeights, LowRankWeights
+from skiptool.gpu.kernels import (gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn,
+                                  substitute_output)
+from skiptool.gpu.weights import FFNWeights, SubstituteWeights
 from skiptool.models import NO_TOKENIZER, load_model
 from skiptool.policies import CosineGreedy, NeverSkip, RouterPolicy, Routers, SkipPolicy, StaticMask
 from skiptool.runtime import apply_skip
 from skiptool.shapes import SHAPES, build_random_llama
-from skiptool.standins import LowRankStandIn
+from skiptool.standins import CoreStandIn, LowRankStandIn
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, SKIPPABLE = 6, [1, 2, 3, 4]
@@ -76,20 +77,28 @@ def test_triton_kernels_match_the_reference_in_fp32(interpreted, case):
     assert interpreted[case] < 1e-5
 
 
-def test_triton_kernels_match_the_reference_in_fp16(interpreted):
-    assert interpreted["fp16_mixed_standin"] < 2e-3
+@pytest.mark.parametrize("case", ["skip_all_core", "mixed_core", "two_row_blocks_mixed_core",
+                                  "masked_tails_mixed_core"])
+def test_triton_kernels_compute_core_stand_ins_like_the_reference(interpreted, case):
+    assert interpreted[case] < 1e-5
+
+
+@pytest.mark.parametrize("case", ["fp16_mixed_standin", "fp16_mixed_core"])
+def test_triton_kernels_match_the_reference_in_fp16(interpreted, case):
+    assert interpreted[case] < 2e-3
 
 
 def test_triton_ffn_kernel_returns_at_once_when_every_row_skips(interpreted):
     assert interpreted["all_skip_leaves_ffn_intermediate_unwritten"] is True
 
 
-def test_triton_standin_bottleneck_is_computed_only_when_a_row_skips(interpreted):
-    assert interpreted["no_skip_leaves_standin_bottleneck_unwritten"] is True
+@pytest.mark.parametrize("case", ["no_skip_leaves_standin_bottleneck_unwritten", "no_skip_leaves_core_inner_unwritten"])
+def test_triton_standin_is_computed_only_when_a_row_skips(interpreted, case):
+    assert interpreted[case] is True
 
 
-@pytest.mark.parametrize("rows", [1, 8])
-def test_triton_kernels_compile_for_hopper_in_bf16(rows):
+@pytest.mark.parametrize("rows, kind", [(1, "linear"), (8, "linear"), (1, "core"), (8, "core")])
+def test_triton_kernels_compile_for_hopper_in_bf16(rows, kind):
     """The interpreter cannot run bf16 dots; compiling for sm_90 checks the bf16 kernels Triton will build there:
     accepted, within a Hopper block's shared memory, and streaming weights with 16-byte async copies."""
     pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.6.0)")
@@ -100,7 +109,9 @@ def test_triton_kernels_compile_for_hopper_in_bf16(rows):
 
     hidden, intermediate = 576, 1536  # the demo shape
     ffn = FFNWeights(meta(intermediate, hidden), meta(intermediate, hidden), meta(hidden, intermediate))
-    standin = LowRankWeights(meta(16, hidden), meta(hidden, 16), meta(hidden))
+    width = 16 if kind == "linear" else intermediate // 16  # rank 16, or the default 96 core neurons
+    standin = SubstituteWeights(meta(width, hidden), meta(hidden, width), meta(hidden),
+                                meta(width, hidden) if kind == "core" else None)
     planned, _ = launches(meta(rows, hidden), ffn, torch.empty(rows, dtype=torch.bool, device="meta"), standin)
     for kernel in compile_ahead(planned, arch=90):
         assert kernel.metadata.shared <= 227 * 1024
@@ -117,14 +128,28 @@ def test_cpu_runs_the_reference_kernels():
 def test_gathered_ffn_equals_the_branch_free_reference():
     g = torch.Generator().manual_seed(0)
     ffn = FFNWeights(*(torch.randn(s, generator=g) for s in [(24, 16), (24, 16), (16, 24)]))
-    standin = LowRankWeights(*(torch.randn(s, generator=g) for s in [(4, 16), (16, 4), (16,)]))
+    standin = SubstituteWeights(*(torch.randn(s, generator=g) for s in [(4, 16), (16, 4), (16,)]))
     x = torch.randn(2, 3, 16, generator=g)
     skip = torch.tensor([[True, False, True], [False, False, True]])
     expected = reference_skippable_ffn(x, ffn, skip, standin)
     assert torch.allclose(gathered_skippable_ffn(x, ffn, skip, standin), expected, atol=1e-5)
     assert torch.allclose(skippable_ffn(x, ffn, skip, standin), expected)
-    standin_of_first_row = standin.up @ (standin.down @ x[0, 0]) + standin.bias
+    standin_of_first_row = standin.out @ (standin.inner @ x[0, 0]) + standin.bias
     assert torch.allclose(expected[0, 0], standin_of_first_row, atol=1e-5)
+
+
+def test_a_core_stand_in_in_the_kernels_form_computes_what_the_stand_in_computes():
+    standin = _random_standins(16, "core")[SKIPPABLE[0]]
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    weights = SubstituteWeights.of(standin, torch.float32, torch.device("cpu"))
+    assert weights.width == 4 and weights.gate is not None
+    assert torch.allclose(substitute_output(x, weights), standin(x), atol=1e-6)
+    assert weights.nbytes == sum(p.numel() * 4 for p in standin.parameters())
+
+
+def test_a_stand_in_kind_the_kernels_do_not_compute_is_one_config_error():
+    with pytest.raises(ConfigError, match="supports zero, linear and core stand-in substitutes, not Linear"):
+        SubstituteWeights.of(torch.nn.Linear(4, 4), torch.float32, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,9 +168,9 @@ def _random_routers(hidden: int) -> Routers:
     return routers
 
 
-def _random_standins(hidden: int) -> dict[int, torch.nn.Module]:
+def _random_standins(hidden: int, kind: str = "linear") -> dict[int, torch.nn.Module]:
     g = torch.Generator().manual_seed(4)
-    standins = {i: LowRankStandIn(hidden, 4) for i in SKIPPABLE}
+    standins = {i: LowRankStandIn(hidden, 4) if kind == "linear" else CoreStandIn(hidden, 4) for i in SKIPPABLE}
     for standin in standins.values():
         for p in standin.parameters():
             p.data = torch.randn(p.shape, generator=g) * 0.05
@@ -160,7 +185,9 @@ POLICIES = {
     "cosine+override": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
     "cosine+standin": lambda hidden: CosineGreedy(LAYERS, SKIPPABLE, 2, COSINE_THRESHOLDS),
     "router+standin": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
+    "router+core": lambda hidden: RouterPolicy(LAYERS, SKIPPABLE, 0, _random_routers(hidden)),
 }
+STANDIN_KINDS = {"standin": "linear", "core": "core"}  # policy name suffix -> the stand-ins its run uses
 OVERRIDES = {"forced": [1, 1, -1, 0, 1, -1], "cosine+override": [0, 1, -1, 0, 1, 0]}  # layers 0, 5: cold
 
 
@@ -204,7 +231,8 @@ def _runtime_run(model, policy, ids, substitutes=None, override=None):
 def test_engine_decides_and_decodes_like_the_eager_runtime(tiny, name, batch, mode):
     hidden = tiny.config.hidden_size
     policy = POLICIES[name](hidden)
-    substitutes = _random_standins(hidden) if name.endswith("standin") else None
+    kind = STANDIN_KINDS.get(name.rpartition("+")[2])
+    substitutes = _random_standins(hidden, kind) if kind else None
     ids = _token_ids(batch, tiny.config.vocab_size)
     engine, engine_ratio = _engine_run(tiny, policy, ids, mode, substitutes, OVERRIDES.get(name))
     runtime, runtime_ratio = _runtime_run(tiny, policy, ids, substitutes, OVERRIDES.get(name))
@@ -485,6 +513,8 @@ def test_gpu_bench_smoke_runs_every_variant_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert {r["batch"] for r in rows} == {1, 2} and not [r for r in rows if r["error"] or r["skipped"]]
+    standin_rows = {"device forced 25% +stand-in linear:16", "device forced 25% +stand-in core:auto"}
+    assert standin_rows <= {r["name"] for r in rows}
     assert all(r["tokens_per_s"] > 0 and r["p50_step_ms"] > 0 for r in rows)
     forced = next(r for r in rows if r["name"] == "device forced 25%" and r["batch"] == 2)
     assert forced["call_skip_ratio"] == pytest.approx(2 / 6) and forced["ideal_speedup"] > 1

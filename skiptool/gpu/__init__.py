@@ -27,7 +27,7 @@ _EXPORTS = {
     "FFN_MODES": "skiptool.gpu.decoder",
     "StaticKVCache": "skiptool.gpu.decoder",
     "FFNWeights": "skiptool.gpu.weights",
-    "LowRankWeights": "skiptool.gpu.weights",
+    "SubstituteWeights": "skiptool.gpu.weights",
     "skippable_ffn": "skiptool.gpu.kernels",
     "reference_skippable_ffn": "skiptool.gpu.kernels",
     "gathered_skippable_ffn": "skiptool.gpu.kernels",

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..policies import LayerSignals, SkipPolicy
 from .kernels import (gathered_skippable_ffn, kernel_backend, reference_skippable_ffn, skippable_ffn,
                       substitute_output)
-from .weights import FFNWeights, LowRankWeights
+from .weights import FFNWeights, SubstituteWeights
 
 FFN_MODES = ("dense", "device", "host")
 CACHE_ALIGNMENT = 16  # cache length rounded up to this: SDPA's masked kernels want aligned key lengths
@@ -53,7 +53,7 @@ class LayerParts:
     post_norm: nn.Module
     mlp: nn.Module
     ffn: FFNWeights
-    substitute: LowRankWeights | None
+    substitute: SubstituteWeights | None
     skippable: bool
 
     @classmethod
@@ -63,7 +63,7 @@ class LayerParts:
         weight = next(mlp.parameters())
         return cls(index, adapter.input_norm_of(layer), adapter.attention_projections_of(layer),
                    adapter.post_attention_norm_of(layer), mlp, FFNWeights.of(mlp, adapter, activation),
-                   LowRankWeights.of(substitute, weight.dtype, weight.device), skippable)
+                   SubstituteWeights.of(substitute, weight.dtype, weight.device), skippable)
 
 
 class StaticKVCache:

@@ -2,8 +2,9 @@
 
 Semantics (shared by every implementation here): ``x`` is ``[..., hidden]`` (its rows are the batch's tokens);
 ``decisions`` holds one value per row (non-zero: that row skips) or a single value for every row (the layer's
-*all-skip* flag). Rows that skip get the substitute — zeros, or the rank-r stand-in
-``up @ (down @ x) + bias`` (:class:`LowRankWeights`) — and the other rows the FFN's output.
+*all-skip* flag). Rows that skip get the substitute — zeros, or a stand-in (:class:`SubstituteWeights`: rank-r
+``out @ (inner @ x) + bias``, or the FFN's own core neurons ``out @ (silu(gate @ x) * (inner @ x)) + bias``) — and
+the other rows the FFN's output.
 
 - :func:`skippable_ffn` picks the implementation: the Triton kernels on CUDA (:mod:`.triton_ffn`: a fixed grid
   whose blocks return at once when all their rows skip, so no decision is read on the host and a whole decode
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weights import FFNWeights, LowRankWeights, flat_decisions
+from .weights import FFNWeights, SubstituteWeights, flat_decisions
 
 
 def row_decisions(decisions: Tensor, rows: int) -> Tensor:
@@ -35,22 +36,25 @@ def swiglu(x: Tensor, ffn: FFNWeights) -> Tensor:
     return F.linear(F.silu(F.linear(x, ffn.gate)) * F.linear(x, ffn.up), ffn.down)
 
 
-def substitute_output(x: Tensor, substitute: LowRankWeights | None) -> Tensor:
-    """What a skipped FFN adds instead: zeros, or the low-rank stand-in's estimate."""
+def substitute_output(x: Tensor, substitute: SubstituteWeights | None) -> Tensor:
+    """What a skipped FFN adds instead: zeros, or the stand-in's estimate (low-rank or core)."""
     if substitute is None:
         return torch.zeros_like(x)
-    return F.linear(F.linear(x, substitute.down), substitute.up, substitute.bias)
+    inner = F.linear(x, substitute.inner)
+    if substitute.gate is not None:
+        inner = F.silu(F.linear(x, substitute.gate)) * inner
+    return F.linear(inner, substitute.out, substitute.bias)
 
 
 def reference_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
-                            substitute: LowRankWeights | None = None) -> Tensor:
+                            substitute: SubstituteWeights | None = None) -> Tensor:
     """The semantics in plain PyTorch, branch-free: every row's FFN and substitute, merged by its decision."""
     skip = row_decisions(decisions, x[..., 0].numel()).view(*x.shape[:-1], 1)
     return torch.where(skip, substitute_output(x, substitute), swiglu(x, ffn))
 
 
 def gathered_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
-                           substitute: LowRankWeights | None = None) -> Tensor:
+                           substitute: SubstituteWeights | None = None) -> Tensor:
     """The same semantics, eager: only the rows that compute go through the FFN (reads them on the host)."""
     flat = x.reshape(-1, x.shape[-1])
     keep = (~row_decisions(decisions, flat.shape[0])).nonzero().squeeze(-1)
@@ -60,7 +64,7 @@ def gathered_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
     return out.view_as(x)
 
 
-def skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankWeights | None = None) -> Tensor:
+def skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: SubstituteWeights | None = None) -> Tensor:
     """The skippable FFN on `x`'s device: Triton kernels on CUDA (when Triton imports), the reference elsewhere."""
     if kernel_backend(x.device) == "triton":
         from .triton_ffn import triton_skippable_ffn

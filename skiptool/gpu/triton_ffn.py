@@ -6,10 +6,11 @@ its rows' decisions from device memory (the vLLM fused-MoE pattern: blocks exit 
 
 1. ``gate_up`` writes ``silu(x @ gate.T) * (x @ up.T)`` for its tile into the intermediate buffer,
    reading the gate and up tiles once for all its rows. It returns at once when all its rows skip. With a
-   low-rank stand-in, one more block per row block computes the stand-in's rank-r bottleneck ``t = x @ down_s.T``,
-   only when some of its rows skip.
+   stand-in, more blocks (the stand-in's width S in tiles of the same width) compute its inner step ``t`` —
+   ``x @ inner.T`` for a rank-r stand-in, ``silu(x @ gate_s.T) * (x @ inner.T)`` for the FFN's own core neurons —
+   only when some of their rows skip.
 2. ``down_merge`` writes ``h @ down.T`` for its tile, the skipping rows replaced by the substitute
-   (``t @ up_s.T + bias``, or zeros). When all its rows skip it writes the substitute and never reads the FFN.
+   (``t @ out_s.T + bias``, or zeros). When all its rows skip it writes the substitute and never reads the FFN.
 
 Every output element is written exactly once. A decode batch (at most 64 rows) is one row block, so "all its rows
 skip" is the layer's all-skip flag. ``tl.dot`` needs 16 rows: fewer are padded (masked loads).
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .weights import FFNWeights, LowRankWeights, flat_decisions
+from .weights import FFNWeights, SubstituteWeights, flat_decisions
 
 HOPPER_MULTIPROCESSORS = 132  # H100/H200 SXM: the tile choice's guess where no device can be asked
 MAX_BLOCK_M = 64
@@ -83,45 +84,48 @@ def kernels() -> SimpleNamespace:
         return gate, up
 
     @triton.jit
-    def store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H: tl.constexpr, R: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 PRECISION: tl.constexpr):
-        """``t[rows] = x[rows] @ down_s.T`` (fp32, ``[rows, R]``): the stand-in's input to its up projection."""
-        ranks = tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        t = rows_times_weight_t(x_ptr, rows, row_ok, sd_ptr, ranks, rank_ok, H,
-                                tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), BLOCK_K, PRECISION)
-        tl.store(t_ptr + rows[:, None] * R + ranks[None, :], t, mask=row_ok[:, None] & rank_ok[None, :])
+    def store_substitute_inner(x_ptr, rows, row_ok, si_ptr, sg_ptr, t_ptr, cols, col_ok, H: tl.constexpr,
+                               S: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """``t[rows, cols]``, the stand-in's inner step: ``x @ inner[cols].T``, times ``silu(x @ gate_s[cols].T)``
+        for a core stand-in (``GATED``)."""
+        if GATED:
+            gate, inner = gate_up_tiles(x_ptr, rows, row_ok, sg_ptr, si_ptr, cols, col_ok, H, BLOCK_M, BLOCK_N,
+                                        BLOCK_K, PRECISION)
+            inner = gate * tl.sigmoid(gate) * inner
+        else:
+            inner = rows_times_weight_t(x_ptr, rows, row_ok, si_ptr, cols, col_ok, H,
+                                        tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, PRECISION)
+        tl.store(t_ptr + rows[:, None] * S + cols[None, :], inner.to(t_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R: tl.constexpr,
-                        HAS_LOWRANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-        """The substitute for this tile (fp32): ``t @ up_s[cols].T + bias[cols]``, or zeros."""
+    def substitute_tile(t_ptr, so_ptr, sb_ptr, rows, row_ok, cols, col_ok, S: tl.constexpr,
+                        HAS_SUBSTITUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KS: tl.constexpr, PRECISION: tl.constexpr):
+        """The substitute for this tile (fp32): ``t @ out_s[cols].T + bias[cols]``, or zeros."""
         sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_LOWRANK:
-            ranks = tl.arange(0, BLOCK_R)
-            rank_ok = ranks < R
-            t = tl.load(t_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                        other=0.0)
-            up = tl.load(su_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :],
-                         other=0.0)
-            bias = tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            sub = tl.dot(t.to(up.dtype), tl.trans(up), sub, input_precision=PRECISION) + bias[None, :]
+        if HAS_SUBSTITUTE:
+            sub = rows_times_weight_t(t_ptr, rows, row_ok, so_ptr, cols, col_ok, S, sub, BLOCK_KS, PRECISION)
+            sub += tl.load(sb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         return sub
 
     @triton.jit
-    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, dec_ptr, sd_ptr, t_ptr, M, dec_stride, H: tl.constexpr,
-                       I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Grid ``(intermediate tiles [+1 with a stand-in], row blocks)``: h = silu(x gate^T) * (x up^T)."""
+    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, dec_ptr, si_ptr, sg_ptr, t_ptr, M, dec_stride,
+                       H: tl.constexpr, I: tl.constexpr, S: tl.constexpr, HAS_SUBSTITUTE: tl.constexpr,
+                       GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """Grid ``(intermediate tiles [+ stand-in tiles], row blocks)``: h = silu(x gate^T) * (x up^T), and the
+        stand-in's inner step for row blocks where some row skips."""
         rows, row_ok, skip, n_skip, n_rows = row_block(dec_ptr, dec_stride, M, BLOCK_M)
         pid_n = tl.program_id(0)
-        if HAS_LOWRANK:
-            if pid_n == tl.cdiv(I, BLOCK_N):
+        ffn_tiles = tl.cdiv(I, BLOCK_N)
+        if HAS_SUBSTITUTE:
+            if pid_n >= ffn_tiles:
                 if n_skip > 0:
-                    store_lowrank_bottleneck(x_ptr, rows, row_ok, sd_ptr, t_ptr, H, R, BLOCK_M, BLOCK_R, BLOCK_K,
-                                             PRECISION)
+                    cols = (pid_n - ffn_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    store_substitute_inner(x_ptr, rows, row_ok, si_ptr, sg_ptr, t_ptr, cols, cols < S, H, S, GATED,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
                 return
         if n_skip == n_rows:
             return
@@ -134,10 +138,10 @@ def kernels() -> SimpleNamespace:
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def down_merge_kernel(h_ptr, wd_ptr, out_ptr, dec_ptr, t_ptr, su_ptr, sb_ptr, M, dec_stride, H: tl.constexpr,
-                          I: tl.constexpr, R: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
+    def down_merge_kernel(h_ptr, wd_ptr, out_ptr, dec_ptr, t_ptr, so_ptr, sb_ptr, M, dec_stride, H: tl.constexpr,
+                          I: tl.constexpr, S: tl.constexpr, HAS_SUBSTITUTE: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+                          BLOCK_KS: tl.constexpr):
         """Grid ``(hidden tiles, row blocks)``: h down^T for computing rows, the substitute for skipping ones."""
         rows, row_ok, skip, n_skip, n_rows = row_block(dec_ptr, dec_stride, M, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,22 +149,22 @@ def kernels() -> SimpleNamespace:
         out_ptrs = out_ptr + rows[:, None] * H + cols[None, :]
         out_mask = row_ok[:, None] & col_ok[None, :]
         if n_skip == n_rows:
-            sub = substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M,
-                                  BLOCK_N, BLOCK_R, PRECISION)
+            sub = substitute_tile(t_ptr, so_ptr, sb_ptr, rows, row_ok, cols, col_ok, S, HAS_SUBSTITUTE, BLOCK_M,
+                                  BLOCK_N, BLOCK_KS, PRECISION)
             tl.store(out_ptrs, sub.to(out_ptr.dtype.element_ty), mask=out_mask)
             return
         acc = rows_times_weight_t(h_ptr, rows, row_ok, wd_ptr, cols, col_ok, I,
                                   tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, PRECISION)
         if n_skip > 0:
-            sub = substitute_tile(t_ptr, su_ptr, sb_ptr, rows, row_ok, cols, col_ok, R, HAS_LOWRANK, BLOCK_M,
-                                  BLOCK_N, BLOCK_R, PRECISION)
+            sub = substitute_tile(t_ptr, so_ptr, sb_ptr, rows, row_ok, cols, col_ok, S, HAS_SUBSTITUTE, BLOCK_M,
+                                  BLOCK_N, BLOCK_KS, PRECISION)
             acc = tl.where(skip[:, None], sub, acc)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     # Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) looks a kernel's names up in its module's globals
     # only, where the compiler also reads closures: publish the helpers there too.
     globals().update(tl=tl, row_block=row_block, rows_times_weight_t=rows_times_weight_t, gate_up_tiles=gate_up_tiles,
-                     store_lowrank_bottleneck=store_lowrank_bottleneck, substitute_tile=substitute_tile)
+                     store_substitute_inner=store_substitute_inner, substitute_tile=substitute_tile)
     return SimpleNamespace(gate_up=gate_up_kernel, down_merge=down_merge_kernel)
 
 
@@ -176,12 +180,12 @@ class Tiles:
     block_k_gate_up: int
     block_n_down: int
     block_k_down: int
-    block_r: int
+    block_k_substitute: int  # K tile over the stand-in's width S in ``down_merge``
     num_warps: int = 4
     num_stages: int = 4
 
 
-def choose_tiles(rows: int, hidden: int, intermediate: int, rank: int, multiprocessors: int,
+def choose_tiles(rows: int, hidden: int, intermediate: int, width: int, multiprocessors: int,
                  itemsize: int = 2) -> Tiles:
     """Tiles for a memory-bound GEMV: about two blocks per multiprocessor (narrower column tiles until there are),
     and K tiles that keep :data:`STAGE_WEIGHT_BYTES` of each weight matrix in flight per pipeline stage."""
@@ -190,7 +194,7 @@ def choose_tiles(rows: int, hidden: int, intermediate: int, rank: int, multiproc
     n_gate_up = _column_tile(intermediate, row_blocks, multiprocessors)
     n_down = _column_tile(hidden, row_blocks, multiprocessors)
     return Tiles(block_m, n_gate_up, _k_tile(hidden, n_gate_up, itemsize), n_down,
-                 _k_tile(intermediate, n_down, itemsize), max(16, _next_power_of_2(max(rank, 1))))
+                 _k_tile(intermediate, n_down, itemsize), _k_tile(max(width, 1), n_down, itemsize))
 
 
 def _column_tile(columns: int, row_blocks: int, multiprocessors: int) -> int:
@@ -223,7 +227,7 @@ class Launch:
     options: dict[str, int]
 
 
-def launches(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankWeights | None,
+def launches(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: SubstituteWeights | None,
              tiles: Tiles | None = None) -> tuple[list[Launch], Tensor]:
     """The two launches that compute the skippable FFN of `x` (``[rows, hidden]``, contiguous), and the output
     they will write. Nothing is read from the tensors' data, so meta tensors work (for compiling ahead)."""
@@ -231,30 +235,31 @@ def launches(x: Tensor, ffn: FFNWeights, decisions: Tensor, substitute: LowRankW
     intermediate = ffn.gate.shape[0]
     _check_dtypes(x, ffn, substitute)
     decision_ptr, decision_stride = _decision_pointer(decisions, rows)
-    rank = substitute.down.shape[0] if substitute is not None else 0
-    tiles = tiles or choose_tiles(rows, hidden, intermediate, rank, multiprocessors(x.device), x.element_size())
+    width = substitute.width if substitute is not None else 0
+    tiles = tiles or choose_tiles(rows, hidden, intermediate, width, multiprocessors(x.device), x.element_size())
     h = torch.empty(rows, intermediate, dtype=x.dtype, device=x.device)
     out = torch.empty_like(x)
-    bottleneck = torch.empty(rows, rank, dtype=torch.float32, device=x.device) if substitute is not None else x
-    s_down, s_up, s_bias = substitute if substitute is not None else (x, x, x)  # unread without a stand-in
-    common = dict(dec_ptr=decision_ptr, t_ptr=bottleneck, M=rows, H=hidden, I=intermediate, R=rank,
-                  dec_stride=decision_stride, HAS_LOWRANK=substitute is not None,
-                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=tiles.block_m,
-                  BLOCK_R=tiles.block_r)
+    inner = torch.empty(rows, width, dtype=x.dtype, device=x.device) if substitute is not None else x
+    s_inner, s_out, s_bias, s_gate = substitute if substitute is not None else (x, x, x, None)  # x: never read
+    common = dict(dec_ptr=decision_ptr, t_ptr=inner, M=rows, H=hidden, I=intermediate, S=width,
+                  dec_stride=decision_stride, HAS_SUBSTITUTE=substitute is not None,
+                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=tiles.block_m)
     row_blocks = _cdiv(rows, tiles.block_m)
-    ffn_programs = _cdiv(intermediate, tiles.block_n_gate_up)
+    gate_up_programs = _cdiv(intermediate, tiles.block_n_gate_up) + _cdiv(width, tiles.block_n_gate_up)
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    gate_up = Launch(kernels().gate_up, (ffn_programs + int(substitute is not None), row_blocks),
-                     dict(common, x_ptr=x, wg_ptr=ffn.gate, wu_ptr=ffn.up, h_ptr=h, sd_ptr=s_down,
+    gate_up = Launch(kernels().gate_up, (gate_up_programs, row_blocks),
+                     dict(common, x_ptr=x, wg_ptr=ffn.gate, wu_ptr=ffn.up, h_ptr=h, si_ptr=s_inner,
+                          sg_ptr=s_gate if s_gate is not None else x, GATED=s_gate is not None,
                           BLOCK_N=tiles.block_n_gate_up, BLOCK_K=tiles.block_k_gate_up), options)
     down = Launch(kernels().down_merge, (_cdiv(hidden, tiles.block_n_down), row_blocks),
-                  dict(common, h_ptr=h, wd_ptr=ffn.down, out_ptr=out, su_ptr=s_up, sb_ptr=s_bias,
-                       BLOCK_N=tiles.block_n_down, BLOCK_K=tiles.block_k_down), options)
+                  dict(common, h_ptr=h, wd_ptr=ffn.down, out_ptr=out, so_ptr=s_out, sb_ptr=s_bias,
+                       BLOCK_N=tiles.block_n_down, BLOCK_K=tiles.block_k_down, BLOCK_KS=tiles.block_k_substitute),
+                  options)
     return [gate_up, down], out
 
 
 def triton_skippable_ffn(x: Tensor, ffn: FFNWeights, decisions: Tensor,
-                         substitute: LowRankWeights | None = None, tiles: Tiles | None = None) -> Tensor:
+                         substitute: SubstituteWeights | None = None, tiles: Tiles | None = None) -> Tensor:
     """:func:`skiptool.gpu.kernels.reference_skippable_ffn`'s semantics in two fixed-grid launches, no host sync."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     planned, out = launches(flat, ffn, decisions, substitute, tiles)
@@ -310,8 +315,8 @@ def _decision_pointer(decisions: Tensor, rows: int) -> tuple[Tensor, int]:
     return flat, 0 if flat.numel() == 1 else 1
 
 
-def _check_dtypes(x: Tensor, ffn: FFNWeights, substitute: LowRankWeights | None) -> None:
-    tensors = list(ffn) + (list(substitute) if substitute is not None else [])
+def _check_dtypes(x: Tensor, ffn: FFNWeights, substitute: SubstituteWeights | None) -> None:
+    tensors = list(ffn) + [w for w in (substitute or ()) if w is not None]
     if any(t.dtype != x.dtype for t in tensors) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the FFN kernels need the input, FFN and stand-in in one of fp32/fp16/bf16 "
                          f"(got {x.dtype} and {sorted({str(t.dtype) for t in tensors})})")

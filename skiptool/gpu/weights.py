@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..adapters import ArchAdapter
 from ..errors import ConfigError
-from ..standins import LowRankStandIn
+from ..standins import CoreStandIn, LowRankStandIn
 
 SWIGLU_ACTIVATIONS = ("silu", "swish")
 
@@ -34,29 +34,40 @@ class FFNWeights(NamedTuple):
         return cls(*(lin.weight for lin in linears))
 
 
-class LowRankWeights(NamedTuple):
-    """A rank-r stand-in ``x -> up @ (down @ x) + bias``: down ``[r, hidden]``, up ``[hidden, r]``, bias
+class SubstituteWeights(NamedTuple):
+    """A stand-in in the kernels' form: an inner step to width S, then ``t @ out.T + bias``. A rank-r stand-in
+    (``linear``): ``t = x @ inner.T``; the FFN's own core neurons (``core``, a gated SwiGLU of S neurons):
+    ``t = silu(x @ gate.T) * (x @ inner.T)``. Shapes: inner and gate ``[S, hidden]``, out ``[hidden, S]``, bias
     ``[hidden]``."""
 
-    down: Tensor
-    up: Tensor
+    inner: Tensor
+    out: Tensor
     bias: Tensor
+    gate: Tensor | None = None
 
     @classmethod
-    def of(cls, substitute: nn.Module | None, dtype: torch.dtype, device: torch.device) -> "LowRankWeights | None":
-        """The kernels' form of a layer's substitute: ``None`` (zeros) stays None, a low-rank stand-in gives its
-        weights in `dtype` on `device`."""
+    def of(cls, substitute: nn.Module | None, dtype: torch.dtype, device: torch.device) -> "SubstituteWeights | None":
+        """The kernels' form of a layer's substitute: ``None`` (zeros) stays None, a stand-in gives its weights in
+        `dtype` on `device`."""
         if substitute is None:
             return None
-        if not isinstance(substitute, LowRankStandIn):
-            raise ConfigError(f"the GPU decode path supports zero and low-rank stand-in substitutes, "
+        if isinstance(substitute, LowRankStandIn):
+            weights = (substitute.down.weight, substitute.up.weight, substitute.up.bias, None)
+        elif isinstance(substitute, CoreStandIn):
+            weights = (substitute.up.weight, substitute.down.weight, substitute.down.bias, substitute.gate.weight)
+        else:
+            raise ConfigError(f"the GPU decode path supports zero, linear and core stand-in substitutes, "
                               f"not {type(substitute).__name__}")
-        weights = (substitute.down.weight, substitute.up.weight, substitute.up.bias)
-        return cls(*(w.detach().to(device=device, dtype=dtype).contiguous() for w in weights))
+        return cls(*(w if w is None else w.detach().to(device=device, dtype=dtype).contiguous() for w in weights))
+
+    @property
+    def width(self) -> int:
+        """S: the rank, or the number of core neurons."""
+        return self.inner.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self)
+        return sum(w.numel() * w.element_size() for w in self if w is not None)
 
 
 def flat_decisions(decisions: Tensor, rows: int) -> Tensor:
