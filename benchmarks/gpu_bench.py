@@ -4,7 +4,7 @@
 For each model shape (``load_model("random:<shape>")``: random weights, speed does not depend on them) and batch
 size, one row per variant:
 dense (graphed), skipping with the decisions on the device (one CUDA graph per step) at forced 0/10/25/50 % of
-all FFNs, with a rank-16 stand-in, and with random routers tuned to skip about 25 %; and the host-sync variant
+all FFNs, at 25 % with a rank-16 (``linear:16``) and a ``core:auto`` stand-in, and with random routers tuned to skip about 25 %; and the host-sync variant
 (each layer's decision read with ``.item()``, the segments between reads graphed, and once eagerly). Each row:
 tokens/s, median ms per step, speedup over dense, the realised skip ratios (tokens; FFN calls avoided), the ideal
 speedup at that ratio and the fraction reached, the bytes read per step, the bandwidth achieved and its share of

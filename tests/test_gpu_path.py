@@ -97,19 +97,24 @@ def test_triton_standin_is_computed_only_when_a_row_skips(interpreted, case):
     assert interpreted[case] is True
 
 
-@pytest.mark.parametrize("rows, kind", [(1, "linear"), (8, "linear"), (1, "core"), (8, "core")])
-def test_triton_kernels_compile_for_hopper_in_bf16(rows, kind):
+HOPPER_SHAPES = {"demo": (576, 1536), "8b": (4096, 14336)}  # hidden, intermediate
+
+
+@pytest.mark.parametrize("shape, rows, kind", [("demo", 1, "linear"), ("demo", 8, "linear"), ("demo", 1, "core"),
+                                               ("demo", 8, "core"), ("8b", 1, "core"), ("8b", 64, "core")])
+def test_triton_kernels_compile_for_hopper_in_bf16(shape, rows, kind):
     """The interpreter cannot run bf16 dots; compiling for sm_90 checks the bf16 kernels Triton will build there:
-    accepted, within a Hopper block's shared memory, and streaming weights with 16-byte async copies."""
+    accepted, within a Hopper block's shared memory (an 8B FFN at 64 rows needed 256 KB before the row tile
+    counted in the K tile's budget), and streaming weights with 16-byte async copies."""
     pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.6.0)")
     from skiptool.gpu.triton_ffn import compile_ahead, launches
 
     def meta(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
 
-    hidden, intermediate = 576, 1536  # the demo shape
+    hidden, intermediate = HOPPER_SHAPES[shape]
     ffn = FFNWeights(meta(intermediate, hidden), meta(intermediate, hidden), meta(hidden, intermediate))
-    width = 16 if kind == "linear" else intermediate // 16  # rank 16, or the default 96 core neurons
+    width = 16 if kind == "linear" else intermediate // 16  # rank 16, or the default core:auto (1/16 of the neurons)
     standin = SubstituteWeights(meta(width, hidden), meta(hidden, width), meta(hidden),
                                 meta(width, hidden) if kind == "core" else None)
     planned, _ = launches(meta(rows, hidden), ffn, torch.empty(rows, dtype=torch.bool, device="meta"), standin)

@@ -31,6 +31,7 @@ from .weights import FFNWeights, SubstituteWeights, flat_decisions
 HOPPER_MULTIPROCESSORS = 132  # H100/H200 SXM: the tile choice's guess where no device can be asked
 MAX_BLOCK_M = 64
 STAGE_WEIGHT_BYTES = 16 * 1024  # one weight matrix's bytes per pipeline stage (4 stages of gate+up: 128 KB shared)
+STAGE_BYTES = 48 * 1024  # all tiles of one pipeline stage (rows and weights): 4 stages stay under Hopper's 227 KB
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
                 torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 
@@ -40,8 +41,8 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # ------------------------------------------------------------------------------------------------
 @functools.cache
 def kernels() -> SimpleNamespace:
-    """The two kernels (``gate_up``, ``down_merge``), defined once per process (H, I and R are compile-time
-    constants: one build per model shape)."""
+    """The two kernels (``gate_up``, ``down_merge``), defined once per process (H, I and S are compile-time
+    constants: one build per model shape and stand-in width)."""
     import triton
     import triton.language as tl
 
@@ -115,18 +116,19 @@ def kernels() -> SimpleNamespace:
                        H: tl.constexpr, I: tl.constexpr, S: tl.constexpr, HAS_SUBSTITUTE: tl.constexpr,
                        GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-        """Grid ``(intermediate tiles [+ stand-in tiles], row blocks)``: h = silu(x gate^T) * (x up^T), and the
+        """Grid ``([stand-in tiles +] intermediate tiles, row blocks)``: h = silu(x gate^T) * (x up^T), and the
         stand-in's inner step for row blocks where some row skips."""
         rows, row_ok, skip, n_skip, n_rows = row_block(dec_ptr, dec_stride, M, BLOCK_M)
         pid_n = tl.program_id(0)
-        ffn_tiles = tl.cdiv(I, BLOCK_N)
-        if HAS_SUBSTITUTE:
-            if pid_n >= ffn_tiles:
+        if HAS_SUBSTITUTE:  # the stand-in's tiles come first, so they run beside the FFN's, not after them
+            substitute_tiles = tl.cdiv(S, BLOCK_N)
+            if pid_n < substitute_tiles:
                 if n_skip > 0:
-                    cols = (pid_n - ffn_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                     store_substitute_inner(x_ptr, rows, row_ok, si_ptr, sg_ptr, t_ptr, cols, cols < S, H, S, GATED,
                                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
                 return
+            pid_n -= substitute_tiles
         if n_skip == n_rows:
             return
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,13 +190,15 @@ class Tiles:
 def choose_tiles(rows: int, hidden: int, intermediate: int, width: int, multiprocessors: int,
                  itemsize: int = 2) -> Tiles:
     """Tiles for a memory-bound GEMV: about two blocks per multiprocessor (narrower column tiles until there are),
-    and K tiles that keep :data:`STAGE_WEIGHT_BYTES` of each weight matrix in flight per pipeline stage."""
+    and K tiles that keep :data:`STAGE_WEIGHT_BYTES` of each weight matrix in flight per pipeline stage, and all
+    of a stage's tiles (the rows' and the weights') within :data:`STAGE_BYTES`."""
     block_m = min(MAX_BLOCK_M, max(16, _next_power_of_2(rows)))
     row_blocks = _cdiv(rows, block_m)
     n_gate_up = _column_tile(intermediate, row_blocks, multiprocessors)
     n_down = _column_tile(hidden, row_blocks, multiprocessors)
-    return Tiles(block_m, n_gate_up, _k_tile(hidden, n_gate_up, itemsize), n_down,
-                 _k_tile(intermediate, n_down, itemsize), _k_tile(max(width, 1), n_down, itemsize))
+    return Tiles(block_m, n_gate_up, _k_tile(hidden, n_gate_up, 2, block_m, itemsize), n_down,
+                 _k_tile(intermediate, n_down, 1, block_m, itemsize),
+                 _k_tile(max(width, 1), n_down, 1, block_m, itemsize))
 
 
 def _column_tile(columns: int, row_blocks: int, multiprocessors: int) -> int:
@@ -204,9 +208,12 @@ def _column_tile(columns: int, row_blocks: int, multiprocessors: int) -> int:
     return 16
 
 
-def _k_tile(k: int, width: int, itemsize: int) -> int:
-    """The largest of 256/128/64/32/16 that divides `k` (no masked tail) and fits the per-stage byte budget."""
-    cap = max(16, STAGE_WEIGHT_BYTES // (width * itemsize))
+def _k_tile(k: int, width: int, weights: int, block_m: int, itemsize: int) -> int:
+    """The largest of 256/128/64/32/16 that divides `k` (no masked tail) and fits the per-stage byte budgets: each
+    of the loop's `weights` weight tiles ``[width, K]`` within :data:`STAGE_WEIGHT_BYTES`, those and the rows' tile
+    ``[block_m, K]`` together within :data:`STAGE_BYTES`."""
+    per_k = (weights * width + block_m) * itemsize
+    cap = max(16, min(STAGE_WEIGHT_BYTES // (width * itemsize), STAGE_BYTES // per_k))
     return next((b for b in (256, 128, 64, 32, 16) if b <= cap and k % b == 0), min(64, cap))
 
 
